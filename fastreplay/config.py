@@ -1,0 +1,293 @@
+"""Typed, validated run configuration: presets, TOML files and dotted ``--set`` overrides.
+
+Precedence: preset < config file < overrides. The resolved config is saved in every run store,
+and the part that determines the training trajectory is hashed into a fingerprint, so a store is
+never reused for a different run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .exceptions import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    """Data set: "cifar10" (standard cifar-10-batches-py directory) or "synthetic"."""
+    root: str = ""
+    """Directory holding cifar-10-batches-py/ (or its parent); empty: $CIFAR_ROOT, else ~/.cache/fastreplay/cifar10."""
+    num_train: int = 256
+    """Training examples used (a prefix of the training set); 0 = all."""
+    num_test: int = 64
+    """Test examples available as measurement targets (a prefix of the test set); 0 = all."""
+    image_size: int = 8
+    """Image side in pixels (CIFAR-10 is 32)."""
+    num_classes: int = 10
+    augment: bool = True
+    """Random crop (padding ``crop_padding``) and horizontal flip, a pure function of (seed, step, position)."""
+    crop_padding: int = 2
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-cnn"
+    """resnet9 | tiny-cnn | mlp."""
+    width: float = 1.0
+    """Channel multiplier (resnet9: 64-128-256-512 at width 1)."""
+    activation: str = "gelu"
+    """gelu (smooth: finite differences and LDS behave) or relu."""
+    pool: str = "avg"
+    """Downsampling inside resnet9: avg (smooth) or max."""
+    output_scale: float = 0.125
+    """Logits are multiplied by this (small values make training smoother)."""
+    bn_momentum: float = 0.1
+    """rho in b <- (1 - rho) b + rho s (PyTorch convention)."""
+    hidden: int = 32
+    """Hidden units of the mlp."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.1
+    """Peak learning rate (base lr of the schedule)."""
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    """Applied to conv/linear weights only (never BatchNorm parameters or biases)."""
+    schedule: str = "onecycle"
+    """constant | onecycle (linear warm-up to the peak, then linear decay)."""
+    peak_at: float = 0.25
+    """Fraction of training at which onecycle reaches the peak."""
+    start_factor: float = 0.1
+    end_factor: float = 0.0
+    bias_lr_scale: float = 1.0
+    """Learning-rate multiplier for the no-decay group (BatchNorm parameters and biases)."""
+    label_smoothing: float = 0.0
+    dtype: str = "float64"
+    """float32 | float64."""
+    tf32: bool = False
+    """Allow TF32 matmuls/convs on CUDA (faster, still deterministic, not bitwise fp32)."""
+
+
+@dataclass
+class MeasureConfig:
+    kind: str = "loss"
+    """loss (cross-entropy of the target in eval mode) or margin (correct logit minus logsumexp of the others)."""
+
+
+@dataclass
+class ReplayConfig:
+    checkpoint_every: int = 8
+    """Steps between stored checkpoints; replay recomputes the steps in between."""
+    start_step: int = 0
+    """Data weights act from this step on (attribution window); the reverse pass stops here."""
+    backend: str = "auto"
+    """Optimizer-adjoint implementation: auto | fused | reference."""
+    target_batch: int = 16
+    """Measurements replayed together in one reverse pass."""
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda when available) | cpu | cuda | cuda:N."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that determines the trained trajectory and its checkpoints."""
+        d = self.to_dict()
+        d.pop("measure")
+        d["replay"] = {"checkpoint_every": self.replay.checkpoint_every}
+        d.pop("device")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS = ("data", "model", "train", "measure", "replay")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Minutes on a CPU laptop: a small CNN with BatchNorm on a 2,000-image CIFAR-10 subset.
+    "quick": {
+        "device": "cpu",
+        "data": {"name": "cifar10", "num_train": 2000, "num_test": 100, "image_size": 32,
+                 "crop_padding": 4},
+        "model": {"name": "tiny-cnn", "width": 1.0},
+        "train": {"epochs": 4, "batch_size": 100, "lr": 0.2, "dtype": "float32",
+                  "schedule": "onecycle", "weight_decay": 5e-4},
+        "replay": {"checkpoint_every": 10},
+    },
+    # The GPU recipe: ResNet-9 on all of CIFAR-10.
+    "full": {
+        "device": "auto",
+        "data": {"name": "cifar10", "num_train": 0, "num_test": 0, "image_size": 32,
+                 "crop_padding": 4},
+        "model": {"name": "resnet9", "width": 1.0, "activation": "gelu", "pool": "max",
+                  "output_scale": 0.125},
+        "train": {"epochs": 16, "batch_size": 512, "lr": 0.4, "momentum": 0.9, "nesterov": True,
+                  "weight_decay": 5e-4, "schedule": "onecycle", "peak_at": 0.2,
+                  "start_factor": 0.1, "end_factor": 0.0, "label_smoothing": 0.2,
+                  "dtype": "float32"},
+        "replay": {"checkpoint_every": 40, "target_batch": 10},
+    },
+    # Tests: float64 synthetic data, small enough for finite differences.
+    "test": {"device": "cpu"},
+}
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # bare strings: --set model.name=resnet9
+
+
+def _merge(base: dict, update: dict, where: str = "") -> None:
+    for key, value in update.items():
+        path = f"{where}{key}"
+        if key not in base:
+            known = ", ".join(sorted(base))
+            raise ConfigError(f"unknown config key {path!r}; known keys here: {known}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} is a table; set its fields as {path}.FIELD")
+            _merge(base[key], value, path + ".")
+        else:
+            base[key] = value
+
+
+def _coerce(value: Any, default: Any, path: str) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        return str(value)
+    raise ConfigError(f"config key {path!r} must be a {type(default).__name__}, got {value!r}")
+
+
+def _build(d: dict) -> RunConfig:
+    defaults = RunConfig()
+    kwargs = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name in SECTIONS:
+            section_default = getattr(defaults, f.name)
+            sub = {g.name: _coerce(d[f.name][g.name], getattr(section_default, g.name),
+                                   f"{f.name}.{g.name}")
+                   for g in dataclasses.fields(section_default)}
+            kwargs[f.name] = type(section_default)(**sub)
+        else:
+            kwargs[f.name] = _coerce(d[f.name], getattr(defaults, f.name), f.name)
+    return RunConfig(**kwargs)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.data.name in ("cifar10", "synthetic"), f"data.name={cfg.data.name!r}: use cifar10 or synthetic")
+    need(cfg.data.num_train >= 0 and cfg.data.num_test >= 0, "data.num_train/num_test must be >= 0 (0 = all)")
+    need(cfg.data.image_size >= 4, "data.image_size must be >= 4")
+    need(cfg.data.num_classes >= 2, "data.num_classes must be >= 2")
+    need(0 <= cfg.data.crop_padding < cfg.data.image_size, "data.crop_padding must be in [0, image_size)")
+    if cfg.data.name == "cifar10":
+        need(cfg.data.image_size == 32 and cfg.data.num_classes == 10,
+             "CIFAR-10 has 32x32 images and 10 classes: set data.image_size=32, data.num_classes=10")
+    need(cfg.model.name in ("resnet9", "tiny-cnn", "mlp"), f"model.name={cfg.model.name!r}: use resnet9, tiny-cnn or mlp")
+    need(cfg.model.activation in ("gelu", "relu"), "model.activation must be gelu or relu")
+    need(cfg.model.pool in ("avg", "max"), "model.pool must be avg or max")
+    need(cfg.model.width > 0 and cfg.model.output_scale > 0, "model.width and model.output_scale must be > 0")
+    need(0 < cfg.model.bn_momentum <= 1, "model.bn_momentum must be in (0, 1]")
+    t = cfg.train
+    need(t.epochs >= 1, "train.epochs must be >= 1")
+    need(t.batch_size >= 2, "train.batch_size must be >= 2 (BatchNorm needs two examples)")
+    if cfg.data.num_train:
+        need(t.batch_size <= cfg.data.num_train, "train.batch_size exceeds data.num_train")
+    need(t.lr > 0, "train.lr must be > 0")
+    need(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
+    need(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    need(t.schedule in ("constant", "onecycle"), "train.schedule must be constant or onecycle")
+    need(0 < t.peak_at < 1, "train.peak_at must be in (0, 1)")
+    need(t.start_factor >= 0 and t.end_factor >= 0, "train.start_factor/end_factor must be >= 0")
+    need(t.bias_lr_scale > 0, "train.bias_lr_scale must be > 0")
+    need(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+    need(t.dtype in ("float32", "float64"), f"train.dtype={t.dtype!r}: use float32 or float64")
+    need(cfg.measure.kind in ("loss", "margin"), f"measure.kind={cfg.measure.kind!r}: use loss or margin")
+    r = cfg.replay
+    need(r.checkpoint_every >= 1, "replay.checkpoint_every must be >= 1")
+    need(r.start_step >= 0, "replay.start_step must be >= 0")
+    need(r.backend in ("auto", "fused", "reference"), "replay.backend must be auto, fused or reference")
+    need(r.target_batch >= 1, "replay.target_batch must be >= 1")
+    need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+         f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
+    return cfg
+
+
+def load_config(preset: str = "quick", config_file: Optional[str | os.PathLike] = None,
+                overrides: Optional[list[str]] = None) -> RunConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    d = RunConfig().to_dict()
+    _merge(d, PRESETS[preset])
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            _merge(d, tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.4")
+        nested: dict = {}
+        cur = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = _parse_value(raw.strip())
+        _merge(d, nested)
+    return validate(_build(d))
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """Rebuild a config saved in a run store (unknown keys are an error, so stores stay honest)."""
+    base = RunConfig().to_dict()
+    _merge(base, d)
+    return validate(_build(base))
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """TOML text of a config (for show-config and the resolved config saved next to each run)."""
+    d = cfg.to_dict()
+    lines = [f"{k} = {json.dumps(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for section in SECTIONS:
+        lines.append(f"\n[{section}]")
+        for k, v in d[section].items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,186 @@
+"""Data sets on the device, and the deterministic batch order and augmentation.
+
+Exact replay and counterfactual retraining need every run to see the same inputs: the batch
+order is a function of (seed, epoch) and each example's crop and flip a function of
+(seed, step, position in the batch), drawn on the CPU with NumPy so they do not depend on the
+device. Images stay uint8 on the device; normalisation happens per batch.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig, RunConfig
+from .exceptions import DataError
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+_TEST_FILES = ["test_batch"]
+
+
+@dataclass
+class ImageData:
+    """uint8 images (N, C, H, W) and int64 labels, on the CPU."""
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    class_names: tuple
+
+
+def default_root() -> str:
+    return os.environ.get("CIFAR_ROOT") or str(Path.home() / ".cache" / "fastreplay" / "cifar10")
+
+
+def _batches_dir(root: Path) -> Path:
+    return root if (root / "test_batch").exists() else root / "cifar-10-batches-py"
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+    except FileNotFoundError:
+        raise DataError(f"CIFAR-10 file {path} is missing; pass --download or point data.root "
+                        "at a directory holding cifar-10-batches-py/") from None
+    except Exception as exc:
+        raise DataError(f"CIFAR-10 file {path} is unreadable ({type(exc).__name__}); "
+                        "delete it and re-download with --download") from None
+    # Both pickle key styles occur: bytes keys (Python 2 pickles) and str keys.
+    get = lambda k: batch.get(k.encode(), batch.get(k))  # noqa: E731
+    data, labels = get("data"), get("labels")
+    if data is None or labels is None:
+        raise DataError(f"CIFAR-10 file {path} has no data/labels entries; is it a CIFAR-10 batch?")
+    data = np.asarray(data, dtype=np.uint8)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DataError(f"CIFAR-10 file {path} has data of shape {data.shape}, expected (n, 3072) "
+                        "with one label per row; re-download it with --download")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(root: str, download: bool = False) -> ImageData:
+    base = _batches_dir(Path(root))
+    if not (base / "test_batch").exists():
+        if not download:
+            raise DataError(f"CIFAR-10 not found under {root} (expected cifar-10-batches-py/); "
+                            "pass --download, set $CIFAR_ROOT, or set data.root")
+        from torchvision.datasets.utils import download_and_extract_archive
+        download_and_extract_archive(CIFAR10_URL, download_root=root)
+        base = _batches_dir(Path(root))
+    parts = [_read_batch(base / f) for f in _TRAIN_FILES]
+    test_x, test_y = _read_batch(base / _TEST_FILES[0])
+    train_x = np.concatenate([p[0] for p in parts])
+    train_y = np.concatenate([p[1] for p in parts])
+    return ImageData(train_x, train_y, test_x, test_y, CIFAR10_CLASSES)
+
+
+def make_synthetic(cfg: DataConfig, seed: int) -> ImageData:
+    """Learnable toy images: a class-dependent smooth pattern plus noise (deterministic in seed)."""
+    rng = np.random.default_rng([seed, 7])
+    n_train, n_test = cfg.num_train or 256, cfg.num_test or 64
+    s, c = cfg.image_size, cfg.num_classes
+    prototypes = rng.normal(0, 1, size=(c, 3, s, s))
+    prototypes = 0.5 * (prototypes + np.roll(prototypes, 1, axis=-1))
+
+    def draw(n):
+        y = rng.integers(0, c, size=n)
+        x = prototypes[y] + rng.normal(0, 1.0, size=(n, 3, s, s))
+        return np.clip(128 + 40 * x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+    train_x, train_y = draw(n_train)
+    test_x, test_y = draw(n_test)
+    return ImageData(train_x, train_y, test_x, test_y, tuple(f"class{i}" for i in range(c)))
+
+
+def load_data(cfg: RunConfig, download: bool = False) -> ImageData:
+    d = cfg.data
+    if d.name == "synthetic":
+        data = make_synthetic(d, cfg.seed)
+    else:
+        data = load_cifar10(d.root or default_root(), download=download)
+    for what, n, have in (("num_train", d.num_train, len(data.train_x)),
+                          ("num_test", d.num_test, len(data.test_x))):
+        if n > have:
+            raise DataError(f"data.{what}={n} but the data set has only {have} examples")
+    if d.num_train:
+        data.train_x, data.train_y = data.train_x[:d.num_train], data.train_y[:d.num_train]
+    if d.num_test:
+        data.test_x, data.test_y = data.test_x[:d.num_test], data.test_y[:d.num_test]
+    if data.train_y.max() >= d.num_classes or data.train_y.min() < 0:
+        raise DataError(f"labels outside [0, {d.num_classes}); check data.num_classes")
+    return data
+
+
+def batch_schedule(num_train: int, batch_size: int, epochs: int, seed: int) -> np.ndarray:
+    """(T, B) example indices: a fresh permutation per epoch, the incomplete last batch dropped."""
+    per_epoch = num_train // batch_size
+    rows = [np.random.default_rng([seed, 0, e]).permutation(num_train)[:per_epoch * batch_size]
+            for e in range(epochs)]
+    return np.concatenate(rows).reshape(epochs * per_epoch, batch_size).astype(np.int64)
+
+
+def augmentation_draws(seed: int, step: int, batch_size: int, padding: int):
+    """Crop offsets (dy, dx) and flip bits for each batch position at ``step``."""
+    rng = np.random.default_rng([seed, 1, step])
+    offsets = rng.integers(0, 2 * padding + 1, size=(2, batch_size))
+    flips = rng.integers(0, 2, size=batch_size).astype(bool)
+    return offsets[0], offsets[1], flips
+
+
+class DeviceData:
+    """The data set as uint8 on the device, plus the normalisation and augmentation."""
+
+    def __init__(self, data: ImageData, cfg: RunConfig, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.class_names = data.class_names
+        self.train_x = torch.from_numpy(data.train_x).to(device)
+        self.train_y = torch.from_numpy(data.train_y).to(device)
+        self.test_x = torch.from_numpy(data.test_x).to(device)
+        self.test_y = torch.from_numpy(data.test_y).to(device)
+        pixels = data.train_x.astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1) / 255.0
+        self.mean = torch.tensor(pixels.mean(1), dtype=dtype, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(pixels.std(1) + 1e-8, dtype=dtype, device=device).view(1, 3, 1, 1)
+        s = data.train_x.shape[-1]
+        self._ar = torch.arange(s, device=device)
+
+    @property
+    def num_train(self) -> int:
+        return self.train_x.shape[0]
+
+    @property
+    def num_test(self) -> int:
+        return self.test_x.shape[0]
+
+    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return (x_uint8.to(self.dtype) / 255.0 - self.mean) / self.std
+
+    def train_batch(self, indices: torch.Tensor, step: int) -> torch.Tensor:
+        x = self.normalize(self.train_x[indices])
+        d = self.cfg.data
+        if not d.augment:
+            return x
+        p, n, s = d.crop_padding, x.shape[0], x.shape[-1]
+        dy, dx, flip = augmentation_draws(self.cfg.seed, step, n, p)
+        dy = torch.from_numpy(dy).to(self.device)
+        dx = torch.from_numpy(dx).to(self.device)
+        flip = torch.from_numpy(flip).to(self.device)
+        # One gather does crop and flip: row/column index grids per example.
+        rows = dy[:, None] + self._ar[None, :]
+        cols_fwd = dx[:, None] + self._ar[None, :]
+        cols = torch.where(flip[:, None], dx[:, None] + (s - 1 - self._ar)[None, :], cols_fwd)
+        xp = F.pad(x, (p, p, p, p))
+        b = torch.arange(n, device=self.device)[:, None, None, None]
+        c = torch.arange(x.shape[1], device=self.device)[None, :, None, None]
+        return xp[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+    def test_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.test_x[indices])

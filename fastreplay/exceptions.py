@@ -1,0 +1,29 @@
+"""Every error fastreplay raises on purpose. The CLI turns these into one-line messages."""
+
+
+class FastReplayError(Exception):
+    """Base class: the message says what is wrong and how to fix it."""
+
+
+class ConfigError(FastReplayError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+class DataError(FastReplayError):
+    """The data set is missing, malformed or does not match the configuration."""
+
+
+class StoreError(FastReplayError):
+    """The run store is missing, belongs to another config, or is damaged."""
+
+
+class TrainingError(FastReplayError):
+    """Training diverged (NaN/inf) or could not proceed."""
+
+
+class ReplayError(FastReplayError):
+    """The reverse pass cannot be carried out exactly (e.g. non-reproducible forward steps)."""
+
+
+class KernelError(FastReplayError):
+    """The compiled extension was asked for but is unavailable or got bad arguments."""

@@ -1,0 +1,75 @@
+"""Measurements phi(theta_T, b_T) of test examples in eval mode, their gradients, and accuracy."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .exceptions import ConfigError
+from .recipe import Recipe
+
+
+def parse_targets(spec: str, num_test: int) -> list[int]:
+    """'0,5,7' or '0:50' (or a mix, '0:10,42') -> sorted unique test indices, range-checked."""
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if ":" in part:
+                lo, hi = part.split(":", 1)
+                out.extend(range(int(lo or 0), int(hi)))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ConfigError(f"targets {spec!r} are not integers; use e.g. 0,5,7 or 0:50") from None
+    if not out:
+        raise ConfigError(f"targets {spec!r} select no test example; use e.g. 0,5,7 or 0:50")
+    bad = [i for i in out if i < 0 or i >= num_test]
+    if bad:
+        raise ConfigError(f"target {bad[0]} is out of range: the test set has {num_test} examples "
+                          f"(valid 0..{num_test - 1}); raise data.num_test or pick smaller ids")
+    return sorted(set(out))
+
+
+def measurement_values(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "loss":
+        return F.cross_entropy(logits, labels, reduction="none")
+    correct = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return correct - torch.logsumexp(others, dim=1)
+
+
+def measure(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor, targets: list[int],
+            kind: str) -> torch.Tensor:
+    idx = torch.as_tensor(targets, device=recipe.device)
+    with torch.no_grad():
+        logits, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
+        return measurement_values(logits, recipe.data.test_y[idx], kind)
+
+
+def measurement_grads(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor,
+                      targets: list[int], kind: str):
+    """(values (K,), d phi/d theta (K, P), d phi/d buffers (K, Q)) for each target."""
+    theta = theta.detach().requires_grad_(True)
+    buffers = buffers.detach().requires_grad_(buffers.numel() > 0)
+    idx = torch.as_tensor(targets, device=recipe.device)
+    logits, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
+    values = measurement_values(logits, recipe.data.test_y[idx], kind)
+    g_theta, g_buf = [], []
+    inputs = (theta, buffers) if buffers.requires_grad else (theta,)
+    for k in range(len(targets)):
+        grads = torch.autograd.grad(values[k], inputs, retain_graph=k + 1 < len(targets))
+        g_theta.append(grads[0])
+        g_buf.append(grads[1] if len(grads) > 1 else buffers.new_zeros(0))
+    return values.detach(), torch.stack(g_theta), torch.stack(g_buf)
+
+
+def accuracy(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor, batch: int = 1000) -> float:
+    correct = 0
+    with torch.no_grad():
+        for lo in range(0, recipe.data.num_test, batch):
+            idx = torch.arange(lo, min(lo + batch, recipe.data.num_test), device=recipe.device)
+            logits, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
+            correct += int((logits.argmax(1) == recipe.data.test_y[idx]).sum())
+    return correct / recipe.data.num_test

@@ -1,0 +1,44 @@
+"""Progress bars and logging set-up shared by every command (rich on a terminal, quiet in tests)."""
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+log = logging.getLogger("fastreplay")
+_console = Console(stderr=True)
+_enabled = sys.stderr.isatty()
+
+
+def setup_logging(level: str = "INFO", log_file: Optional[str] = None,
+                  progress: Optional[bool] = None) -> None:
+    global _enabled
+    if progress is not None:
+        _enabled = progress
+    handlers: list[logging.Handler] = [RichHandler(console=_console, show_path=False)]
+    if log_file:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(fh)
+    log.handlers[:] = handlers
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator:
+    """Yields ``advance(n=1)``; draws a bar only on an interactive terminal."""
+    if not _enabled:
+        yield lambda n=1: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=_console,
+                  transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)

@@ -1,0 +1,129 @@
+"""A training recipe made concrete: data on the device, the flat model, the batch order and the
+per-step, per-group learning rates. Training, replay and every retraining share one Recipe, so
+they run the very same step function on the very same inputs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import RunConfig
+from .data import DeviceData, batch_schedule, load_data
+from .exceptions import ConfigError
+from .kernels import resolve_backend, sgd_step_
+from .models import FlatModel
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is visible; use --set device=cpu")
+    return torch.device(name)
+
+
+def configure_determinism(device: torch.device, tf32: bool) -> None:
+    """Bitwise-reproducible steps: the replay recomputes states and must land on the same bits."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def lr_table(cfg: RunConfig, num_steps: int, num_groups: int) -> np.ndarray:
+    """(T, groups) learning rates: the schedule's factor times the peak lr times the group scale."""
+    t = cfg.train
+    s = np.arange(num_steps, dtype=np.float64)
+    if t.schedule == "constant":
+        factor = np.ones(num_steps)
+    else:  # onecycle: linear start->peak over peak_at of training, then linear peak->end
+        peak = max(1.0, t.peak_at * num_steps)
+        up = t.start_factor + (1 - t.start_factor) * s / peak
+        down = 1 + (t.end_factor - 1) * (s - peak) / max(1.0, num_steps - peak)
+        factor = np.where(s < peak, up, down)
+    scales = [1.0, t.bias_lr_scale][:num_groups]
+    return t.lr * factor[:, None] * np.asarray(scales)[None, :]
+
+
+@dataclass
+class TrainState:
+    theta: torch.Tensor
+    momentum: torch.Tensor
+    buffers: torch.Tensor
+    step: int
+
+    def clone(self) -> "TrainState":
+        return TrainState(self.theta.clone(), self.momentum.clone(), self.buffers.clone(), self.step)
+
+
+class Recipe:
+    def __init__(self, cfg: RunConfig, download: bool = False, data=None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = DTYPES[cfg.train.dtype]
+        configure_determinism(self.device, cfg.train.tf32)
+        self.data = DeviceData(data if data is not None else load_data(cfg, download),
+                               cfg, self.device, self.dtype)
+        self.model = FlatModel(cfg, self.device, self.dtype)
+        n, b = self.data.num_train, cfg.train.batch_size
+        if b > n:
+            raise ConfigError(f"train.batch_size={b} exceeds the {n} training examples")
+        self.indices_np = batch_schedule(n, b, cfg.train.epochs, cfg.seed)
+        self.indices = torch.from_numpy(self.indices_np).to(self.device)
+        self.num_steps = self.indices_np.shape[0]
+        if cfg.replay.start_step >= self.num_steps:
+            raise ConfigError(f"replay.start_step={cfg.replay.start_step} is not below the "
+                              f"{self.num_steps} training steps")
+        self.lrs = lr_table(cfg, self.num_steps, len(self.model.group_ends))
+        self.wds = [cfg.train.weight_decay, 0.0][:len(self.model.group_ends)]
+        # The forward step always uses the best available kernels; a replay must recompute
+        # states with the same ones (checked against the store), whatever its adjoint backend.
+        self.step_backend = resolve_backend("auto", self.device)
+        self.adjoint_backend = resolve_backend(cfg.replay.backend, self.device)
+
+    @property
+    def num_train(self) -> int:
+        return self.data.num_train
+
+    def init_state(self) -> TrainState:
+        m = self.model
+        return TrainState(m.theta0.clone(), torch.zeros_like(m.theta0), m.buffers0.clone(), 0)
+
+    def ones(self) -> torch.Tensor:
+        return torch.ones(self.num_train, dtype=self.dtype, device=self.device)
+
+    def step_weights(self, weights: torch.Tensor, step: int) -> torch.Tensor:
+        """Data weights act only from replay.start_step on; before it every run is identical."""
+        return weights if step >= self.cfg.replay.start_step else self.ones()
+
+    def batch_loss(self, theta: torch.Tensor, buffers: torch.Tensor, step: int,
+                   batch_weights: torch.Tensor):
+        """(1/B) sum_i w_i loss_i on step's augmented batch, and the updated running statistics."""
+        idx = self.indices[step]
+        x = self.data.train_batch(idx, step)
+        logits, new_buffers = self.model.forward(theta, buffers, x, train=True)
+        losses = F.cross_entropy(logits, self.data.train_y[idx], reduction="none",
+                                 label_smoothing=self.cfg.train.label_smoothing)
+        return (batch_weights * losses).sum() / idx.shape[0], new_buffers
+
+    def step(self, state: TrainState, weights: torch.Tensor) -> torch.Tensor:
+        """Advance ``state`` by one SGD step in place; returns the (detached) batch loss."""
+        t = state.step
+        w = self.step_weights(weights, t)[self.indices[t]]
+        theta = state.theta.detach().requires_grad_(True)
+        loss, new_buffers = self.batch_loss(theta, state.buffers, t, w)
+        (grad,) = torch.autograd.grad(loss, theta)
+        sgd_step_(state.theta, state.momentum, grad, self.model.group_ends, self.lrs[t], self.wds,
+                  self.cfg.train.momentum, self.cfg.train.nesterov, self.step_backend)
+        state.buffers = new_buffers.detach()
+        state.step = t + 1
+        return loss.detach()

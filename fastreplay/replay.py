@@ -1,0 +1,121 @@
+"""REPLAY: the exact reverse pass of DESIGN.md section 1, for K measurements at once.
+
+States theta_t are rebuilt segment by segment (last segment first) from the stored checkpoints by
+re-running the deterministic forward steps; each rebuilt segment must land bit for bit on the
+next stored state, otherwise the run is not reproducible and exact scores are impossible.
+
+Per reverse step t (adjoints carried for all K measurements):
+  1. optimizer adjoint (elementwise, fused when built): g_bar, m_bar, theta_bar += wd * g_bar
+  2. one double-backward at theta_t of Q_k = <grad L_t, g_bar_k> + <b_{t+1}(theta), b_bar_k>:
+     d/dtheta gives H g_bar + rho J^T b_bar, d/dw gives the score increments of the batch.
+  3. b_bar *= (1 - rho)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .exceptions import ReplayError
+from .kernels import sgd_adjoint_
+from .measure import measurement_grads
+from .progress import log, progress_bar
+from .recipe import Recipe, TrainState
+from .train import run_steps
+
+
+@dataclass
+class ReplayResult:
+    scores: np.ndarray  # (K, N) float64
+    values: np.ndarray  # (K,) measurement values at theta_T
+    seconds: float
+
+
+def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, step: int,
+             g_bar: torch.Tensor, b_bar: torch.Tensor):
+    """(H g_bar + rho J^T b_bar) (K, P) and d<grad L_t, g_bar>/dw for the batch (K, B)."""
+    theta = theta_t.detach().requires_grad_(True)
+    w = recipe.ones()[recipe.indices[step]].requires_grad_(True)
+    loss, new_buffers = recipe.batch_loss(theta, buffers_t, step, w)
+    (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+    hvps, wgrads = [], []
+    k_total = g_bar.shape[0]
+    for k in range(k_total):
+        q = (grad * g_bar[k]).sum()
+        if new_buffers.numel():
+            q = q + (new_buffers * b_bar[k]).sum()
+        h, wg = torch.autograd.grad(q, (theta, w), retain_graph=k + 1 < k_total,
+                                    materialize_grads=True)
+        hvps.append(h)
+        wgrads.append(wg)
+    return torch.stack(hvps), torch.stack(wgrads)
+
+
+def _segments(checkpoint_steps: list[int], num_steps: int, start_step: int):
+    """(begin, end, slot) for each checkpoint segment overlapping [start_step, num_steps), last first."""
+    bounds = checkpoint_steps + [num_steps]
+    segs = [(bounds[j], bounds[j + 1], j) for j in range(len(checkpoint_steps))]
+    return [s for s in reversed(segs) if s[1] > start_step]
+
+
+def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult:
+    """Exact scores d phi_k / d w_i for the targets, from the run held by ``store``."""
+    to = lambda a: torch.from_numpy(np.asarray(a)).to(recipe.device, recipe.dtype)  # noqa: E731
+    stored_backend = store.attrs_get("step_backend")
+    if stored_backend and stored_backend != recipe.step_backend:
+        raise ReplayError(f"the run was trained with the {stored_backend} step kernels but this "
+                          f"process has {recipe.step_backend}; replay where it was trained or retrain with --force")
+    slots_steps = [int(s) for s in store.checkpoint_steps()]
+    if any(s < 0 for s in slots_steps):
+        raise ReplayError(f"run store {store.path} has uncommitted checkpoints; finish training first")
+    final_params, final_buffers = map(to, store.read_final())
+    if recipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    values, theta_bar, b_bar = measurement_grads(recipe, final_params, final_buffers, targets, kind)
+    m_bar = torch.zeros_like(theta_bar)
+    g_bar = torch.empty_like(theta_bar)
+    pending_hvp = None
+    rho = recipe.model.bn_momentum
+    scores = torch.zeros(len(targets), recipe.num_train, dtype=torch.float64, device=recipe.device)
+    start = recipe.cfg.replay.start_step
+    cfg_t = recipe.cfg.train
+    ones = recipe.ones()
+    segments = _segments(slots_steps, recipe.num_steps, start)
+    total = sum(end - max(begin, start) for begin, end, _ in segments)
+    next_state = (final_params, final_buffers)
+    with progress_bar(f"replay {len(targets)} target(s)", total) as advance:
+        for begin, end, slot in segments:
+            step, params, momentum, buffers = store.read_checkpoint(slot)
+            state = TrainState(to(params), to(momentum), to(buffers), step)
+            thetas, bufs = [], []
+
+            def keep(st: TrainState) -> None:
+                thetas.append(st.theta.clone())
+                bufs.append(st.buffers)
+
+            run_steps(recipe, state, ones, end, on_step=keep, description="rebuild")
+            if not torch.equal(state.theta, next_state[0]):
+                raise ReplayError(
+                    f"recomputing steps {begin}..{end} did not reproduce the stored state "
+                    "bit for bit: the run is not deterministic here (same device, torch and "
+                    "kernels as training are required)")
+            next_state = (thetas[0], bufs[0])
+            for t in range(end - 1, max(begin, start) - 1, -1):
+                sgd_adjoint_(theta_bar, m_bar, g_bar, pending_hvp, recipe.model.group_ends,
+                             recipe.lrs[t], recipe.wds, cfg_t.momentum, cfg_t.nesterov,
+                             recipe.adjoint_backend)
+                theta_t = thetas[t - begin]
+                pending_hvp, wgrad = step_vjp(recipe, theta_t, bufs[t - begin], t, g_bar, b_bar)
+                b_bar.mul_(1 - rho)
+                scores[:, recipe.indices[t]] += wgrad.to(torch.float64)
+                advance()
+            del thetas, bufs
+    del ones
+    if recipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    log.debug("replayed %d targets in %.2fs", len(targets), seconds)
+    return ReplayResult(scores.cpu().numpy(), values.cpu().numpy(), seconds)

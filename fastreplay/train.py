@@ -1,0 +1,111 @@
+"""The training loop: plain retraining (the counterfactual oracle) and the stored, checkpointed
+run that the replay reverses."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .exceptions import StoreError, TrainingError
+from .progress import log, progress_bar
+from .recipe import Recipe, TrainState
+
+
+def checkpoint_steps(num_steps: int, every: int) -> list[int]:
+    """Steps whose *incoming* state is checkpointed: 0, every, 2*every, ... (< num_steps)."""
+    return list(range(0, num_steps, every))
+
+
+class _NanWatch:
+    """Finds the first non-finite loss without a device sync per step."""
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            raise TrainingError(f"training diverged: non-finite loss at step {step}; "
+                                "lower train.lr or check the data")
+
+
+def run_steps(recipe: Recipe, state: TrainState, weights: torch.Tensor, stop: int,
+              on_step=None, description: str = "train") -> TrainState:
+    """Advance ``state`` to step ``stop``; ``on_step(state)`` runs *before* each step."""
+    watch = _NanWatch(recipe.device)
+    with progress_bar(description, stop - state.step) as advance:
+        while state.step < stop:
+            if on_step is not None:
+                on_step(state)
+            t = state.step
+            watch.update(recipe.step(state, weights), t)
+            advance()
+    watch.check()
+    return state
+
+
+def train(recipe: Recipe, weights: Optional[torch.Tensor] = None) -> TrainState:
+    """Train from the seed's initialisation with per-example weights (default all ones)."""
+    w = recipe.ones() if weights is None else weights.to(recipe.device, recipe.dtype)
+    return run_steps(recipe, recipe.init_state(), w, recipe.num_steps)
+
+
+def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
+    """Train with w = 1, streaming checkpoints and the final state into ``store``.
+
+    Resumes from the last committed checkpoint when the store holds a partial run.
+    Returns the final state and the training wall time in seconds (this call only).
+    """
+    every = recipe.cfg.replay.checkpoint_every
+    steps = checkpoint_steps(recipe.num_steps, every)
+    m = recipe.model
+    store.allocate(num_steps=recipe.num_steps, batch_size=recipe.cfg.train.batch_size,
+                   num_groups=len(m.group_ends), num_checkpoints=len(steps),
+                   num_params=m.num_params, num_buffers=m.num_buffers,
+                   dtype=recipe.cfg.train.dtype)
+    committed = store.checkpoint_steps()
+    done = [int(s) for s in committed if s >= 0]
+    if done:
+        slot = int(np.argmax(committed))
+        step, params, momentum, buffers = store.read_checkpoint(slot)
+        to = lambda a: torch.from_numpy(np.asarray(a)).to(recipe.device, recipe.dtype)  # noqa: E731
+        state = TrainState(to(params), to(momentum), to(buffers), step)
+        log.info("resuming training from the checkpoint at step %d", step)
+    else:
+        store.write_schedule(recipe.indices_np.astype(np.int32), recipe.lrs)
+        state = recipe.init_state()
+    store.status = "training"
+    slot_of = {s: i for i, s in enumerate(steps)}
+
+    def save(st: TrainState) -> None:
+        slot = slot_of.get(st.step)
+        if slot is not None and committed[slot] < 0:
+            store.write_checkpoint(slot, st.step, st.theta.clone(), st.momentum.clone(),
+                                   st.buffers.clone())
+
+    if recipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run_steps(recipe, state, recipe.ones(), recipe.num_steps, on_step=save)
+    store.write_final(state.theta.clone(), state.buffers.clone())
+    store.flush()
+    if recipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    store.status = "trained"
+    return state, seconds
+
+
+def load_final(recipe: Recipe, store) -> TrainState:
+    if store.status not in ("trained", "scored"):
+        raise StoreError(f"run store {store.path} holds no finished training run "
+                         f"(status {store.status!r}); run `fastreplay magic` to finish it")
+    params, buffers = store.read_final()
+    to = lambda a: torch.from_numpy(np.asarray(a)).to(recipe.device, recipe.dtype)  # noqa: E731
+    return TrainState(to(params), torch.zeros_like(to(params)), to(buffers), recipe.num_steps)
