@@ -63,7 +63,7 @@ def _segments(checkpoint_steps: list[int], num_steps: int, start_step: int):
 def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult:
     """Exact scores d phi_k / d w_i for the targets, from the run held by ``store``."""
     to = lambda a: torch.from_numpy(np.asarray(a)).to(recipe.device, recipe.dtype)  # noqa: E731
-    stored_backend = store.attrs_get("step_backend")
+    stored_backend = store.get_attr("step_backend")
     if stored_backend and stored_backend != recipe.step_backend:
         raise ReplayError(f"the run was trained with the {stored_backend} step kernels but this "
                           f"process has {recipe.step_backend}; replay where it was trained or retrain with --force")

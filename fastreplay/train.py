@@ -86,14 +86,13 @@ def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
     def save(st: TrainState) -> None:
         slot = slot_of.get(st.step)
         if slot is not None and committed[slot] < 0:
-            store.write_checkpoint(slot, st.step, st.theta.clone(), st.momentum.clone(),
-                                   st.buffers.clone())
+            store.write_checkpoint(slot, st.step, st.theta, st.momentum, st.buffers)
 
     if recipe.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     run_steps(recipe, state, recipe.ones(), recipe.num_steps, on_step=save)
-    store.write_final(state.theta.clone(), state.buffers.clone())
+    store.write_final(state.theta, state.buffers)  # the store copies on submit
     store.flush()
     if recipe.device.type == "cuda":
         torch.cuda.synchronize()
@@ -103,7 +102,7 @@ def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
 
 
 def load_final(recipe: Recipe, store) -> TrainState:
-    if store.status not in ("trained", "scored"):
+    if store.status not in ("trained", "cleaned"):
         raise StoreError(f"run store {store.path} holds no finished training run "
                          f"(status {store.status!r}); run `fastreplay magic` to finish it")
     params, buffers = store.read_final()

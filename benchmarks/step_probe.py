@@ -1,0 +1,51 @@
+"""Times one training step and one replay step (K targets, looped vs vmap-batched) on a recipe.
+
+    python benchmarks/step_probe.py --preset full --set train.epochs=1 --targets 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from fastreplay.config import load_config
+from fastreplay.recipe import Recipe
+from fastreplay.replay import step_vjp
+
+
+def timed(fn, reps=5, warm=2):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter(); fn(); torch.cuda.synchronize(); ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="full")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--targets", type=int, default=10)
+    a = ap.parse_args()
+    cfg = load_config(a.preset, overrides=a.set)
+    r = Recipe(cfg)
+    st = r.init_state()
+    ones = r.ones()
+    out = {"params": r.model.num_params, "device": torch.cuda.get_device_name(0)}
+    out["train_step_s"] = timed(lambda: (r.step(st, ones), setattr(st, "step", 0)))
+    K = a.targets
+    gb = torch.randn(K, r.model.num_params, device=r.device, dtype=r.dtype)
+    bb = torch.randn(K, r.model.num_buffers, device=r.device, dtype=r.dtype)
+    for k in (1, K):
+        out[f"replay_step_K{k}_s"] = timed(lambda: step_vjp(r, st.theta, st.buffers, 0, gb[:k], bb[:k]), reps=3)
+    out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

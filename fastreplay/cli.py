@@ -1,0 +1,190 @@
+"""The `fastreplay` command line (Typer). Each command is a thin shell over fastreplay.api."""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import numpy as np
+import typer
+
+from .config import PRESETS, load_config, to_toml
+from .exceptions import ConfigError, FastReplayError
+from .progress import log, setup_logging
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Exact data attribution: MAGIC scores by replaying training backwards.")
+
+Preset = Annotated[str, typer.Option(help=f"Base recipe: {', '.join(PRESETS)}.")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file; tables [data], [model], [train], [measure], [replay].")]
+Sets = Annotated[Optional[List[str]], typer.Option("--set", help="Dotted override, repeatable: --set train.lr=0.4")]
+LogLevel = Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")]
+LogFile = Annotated[Optional[Path], typer.Option(help="Also write the log to this file.")]
+Download = Annotated[bool, typer.Option(help="Download CIFAR-10 if it is missing.")]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def _config(preset: str, config: Optional[Path], sets: Optional[List[str]]):
+    return load_config(preset, config, sets or [])
+
+
+def _echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+@app.command()
+def magic(
+    targets: Annotated[str, typer.Option(help="Test examples to attribute: 0,5,7 or 0:50.")],
+    run_dir: Annotated[Path, typer.Option(help="Run directory (holds run.zarr, plots/, config.toml).")],
+    preset: Preset = "quick", config: ConfigFile = None, set_: Sets = None,
+    scores_out: Annotated[Optional[Path], typer.Option(help="Also save the scores (targets x N) as .npy.")] = None,
+    force: Annotated[bool, typer.Option(help="Discard an existing run store in --run-dir.")] = False,
+    plots: Annotated[bool, typer.Option(help="Save a PNG per target.")] = True,
+    download: Download = False, json_: Json = False,
+    log_level: LogLevel = "INFO", log_file: LogFile = None,
+):
+    """Train (or reuse the stored run), replay it backwards, store and plot exact scores."""
+    setup_logging(log_level, log_file)
+    from .api import run_magic, summary
+    from .measure import parse_targets
+    from .recipe import Recipe
+
+    cfg = _config(preset, config, set_)
+    num_test = _num_test(cfg, download)
+    ids = parse_targets(targets, num_test)
+    res = run_magic(cfg, ids, run_dir, force=force, download=download,
+                    scores_out=str(scores_out) if scores_out else None, plots=plots)
+    out = summary(res)
+    if json_:
+        _echo_json(out)
+    else:
+        log.info("test accuracy %.2f%% | replay %.2fs per target | store %.1f MB | outputs in %s",
+                 100 * res.accuracy, out["replay_seconds_per_target"], res.store_bytes / 1e6, run_dir)
+
+
+def _num_test(cfg, download: bool) -> int:
+    from .data import load_data
+    if cfg.data.num_test:
+        return cfg.data.num_test
+    return len(load_data(cfg, download).test_y)
+
+
+@app.command("train")
+def train_cmd(
+    weights: Annotated[Optional[Path], typer.Option(help="Per-example weights, float .npy of length N (default: all ones).")] = None,
+    measure: Annotated[str, typer.Option(help="Test examples to measure after training: 0,5 or 0:10.")] = "0",
+    preset: Preset = "quick", config: ConfigFile = None, set_: Sets = None,
+    download: Download = False, json_: Json = False,
+    log_level: LogLevel = "WARNING", log_file: LogFile = None,
+):
+    """Retrain with per-example data weights and print the measurements (the counterfactual oracle)."""
+    setup_logging(log_level, log_file)
+    from .api import counterfactual
+    from .measure import parse_targets
+    from .recipe import Recipe
+
+    cfg = _config(preset, config, set_)
+    recipe = Recipe(cfg, download=download)
+    ids = parse_targets(measure, recipe.data.num_test)
+    if weights is None:
+        w = np.ones(recipe.num_train)
+    else:
+        try:
+            w = np.load(weights, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read weights {weights}: {exc}; save them with numpy.save") from None
+    values = counterfactual(cfg, w, ids, recipe=recipe)
+    out = {"measure": {"index": ids, "value": [float(v) for v in values]}, "kind": cfg.measure.kind}
+    if json_:
+        _echo_json(out)
+    else:
+        for i, v in zip(ids, values):
+            typer.echo(f"test {i}: {cfg.measure.kind} = {v:.6g}")
+
+
+@app.command("show-config")
+def show_config(preset: Preset = "quick", config: ConfigFile = None, set_: Sets = None,
+                json_: Json = False):
+    """Print the resolved configuration (preset < --config < --set) and exit."""
+    cfg = _config(preset, config, set_)
+    if json_:
+        _echo_json(cfg.to_dict())
+    else:
+        typer.echo(to_toml(cfg), nl=False)
+
+
+@app.command()
+def clean(run_dir: Annotated[Path, typer.Argument(help="Run directory to clean.")],
+          what: Annotated[str, typer.Option(help="checkpoints (keep scores and final state) or all.")] = "checkpoints",
+          log_level: LogLevel = "INFO"):
+    """Free disk space: drop checkpoints (scores stay usable) or the whole run directory."""
+    setup_logging(log_level)
+    from .api import store_path
+    from .store import RunStore
+
+    if what not in ("checkpoints", "all"):
+        raise ConfigError(f"--what {what!r}: use checkpoints or all")
+    path = store_path(run_dir)
+    if not RunStore.exists(path):
+        raise ConfigError(f"{run_dir} holds no run store ({path} missing)")
+    if what == "all":
+        shutil.rmtree(run_dir)
+        log.info("removed %s", run_dir)
+        return
+    store = RunStore.open(path)
+    before = store.nbytes_on_disk()
+    store.delete_checkpoints()
+    store.status = "cleaned"
+    log.info("removed checkpoints from %s (%.1f MB -> %.1f MB); new targets need --force to retrain",
+             path, before / 1e6, store.nbytes_on_disk() / 1e6)
+
+
+@app.command()
+def info(json_: Json = False):
+    """Versions, the device, and whether the compiled kernels are loaded."""
+    import torch
+
+    from . import __version__, kernels
+
+    out = {"fastreplay": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "cuda_available": torch.cuda.is_available(),
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "extension_loaded": kernels.extension_loaded(),
+           "extension_error": kernels.extension_error(),
+           "cuda_kernels": kernels.cuda_kernels_built()}
+    try:
+        import zarr
+        out["zarr"] = zarr.__version__
+    except ImportError:
+        out["zarr"] = None
+    if json_:
+        _echo_json(out)
+    else:
+        for k, v in out.items():
+            typer.echo(f"{k:18s} {v}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except FastReplayError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code or 0)
+    except Exception as exc:  # click usage errors
+        import click
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

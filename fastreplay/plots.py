@@ -1,0 +1,49 @@
+"""Figures people would rather look at than read: a target's most helpful and harmful examples."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _show(ax, image_chw: np.ndarray, title: str, color: str = "black") -> None:
+    ax.imshow(np.transpose(image_chw, (1, 2, 0)), interpolation="nearest")
+    ax.set_title(title, fontsize=7, color=color)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def helpful_order(scores: np.ndarray, kind: str) -> np.ndarray:
+    """Indices from most helpful to most harmful. Upweighting a helpful example lowers the
+    target's loss (negative score) or raises its margin (positive score)."""
+    return np.argsort(scores if kind == "loss" else -scores, kind="stable")
+
+
+def influence_figure(path: str | Path, target: int, target_image: np.ndarray, target_label: int,
+                     scores: np.ndarray, train_images: np.ndarray, train_labels: np.ndarray,
+                     class_names, kind: str, value: float, k: int = 8) -> Path:
+    """PNG: the target, then its k most helpful (top row) and k most harmful (bottom row)."""
+    order = helpful_order(scores, kind)
+    rows = {"helpful": order[:k], "harmful": order[::-1][:k]}
+    fig, axes = plt.subplots(2, k + 1, figsize=(1.3 * (k + 1), 3.2))
+    _show(axes[0, 0], target_image, f"test {target}\n{class_names[target_label]}\n{kind}={value:.3g}")
+    axes[1, 0].axis("off")
+    for r, (name, idx) in enumerate(rows.items()):
+        for c, i in enumerate(idx, start=1):
+            lab = int(train_labels[i])
+            color = "green" if lab == target_label else "red"
+            _show(axes[r, c], train_images[i], f"#{i} {class_names[lab]}\n{scores[i]:+.2e}", color)
+        axes[r, 1].set_ylabel(name, fontsize=8)
+        axes[r, 1].yaxis.set_visible(True)
+    fig.suptitle(f"Most helpful (top) and harmful (bottom) training examples, d{kind}/dw",
+                 fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
