@@ -160,3 +160,30 @@ def counterfactual(cfg: RunConfig, weights: np.ndarray, targets: list[int],
     state = train(recipe, w)
     log.debug("retrained in %.2fs", time.perf_counter() - t0)
     return measure(recipe, state.theta, state.buffers, targets, cfg.measure.kind).cpu().numpy()
+
+
+def open_trained(run_dir: str | Path, download: bool = False) -> tuple[Recipe, RunStore]:
+    """The recipe and store of a finished run, rebuilt from the config saved in the store."""
+    from .config import config_from_dict
+    path = store_path(run_dir)
+    store = RunStore.open(path)
+    cfg = config_from_dict(store.config)
+    recipe = Recipe(cfg, download=download)
+    load_final(recipe, store)  # refuses unfinished runs with a clear message
+    return recipe, store
+
+
+def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], removal: str,
+                    mask_seed: int = 0, plots: bool = True):
+    from .lds import run_lds
+    from .measure import parse_targets
+    from .plots import lds_figure
+    recipe, store = open_trained(run_dir)
+    ids = parse_targets(targets, recipe.data.num_test) if targets else None
+    res, predicted, measured = run_lds(recipe, store, models, keep, ids, removal, mask_seed)
+    if plots:
+        path = lds_figure(Path(run_dir) / "plots" / f"lds_{removal}_keep{keep:g}.png", res,
+                          predicted, measured)
+        log.info("LDS plot written to %s", path)
+    store.close()
+    return res

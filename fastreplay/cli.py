@@ -105,6 +105,30 @@ def train_cmd(
             typer.echo(f"test {i}: {cfg.measure.kind} = {v:.6g}")
 
 
+@app.command()
+def lds(
+    run_dir: Annotated[Path, typer.Option(help="Run directory of a `fastreplay magic` run.")],
+    models: Annotated[int, typer.Option(help="Number of subset retrainings M.")] = 100,
+    keep: Annotated[float, typer.Option(help="Fraction of the training set each subset keeps.")] = 0.99,
+    targets: Annotated[Optional[str], typer.Option(help="Scored targets to evaluate (default: all scored).")] = None,
+    removal: Annotated[str, typer.Option(help="weight (w=0 in the same batch slots) or drop (out of the batch).")] = "weight",
+    mask_seed: Annotated[int, typer.Option(help="Seed of the subset draws.")] = 0,
+    plots: Annotated[bool, typer.Option(help="Save the scatter and histogram PNGs.")] = True,
+    json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
+):
+    """Validate the stored scores by retraining on random subsets (linear datamodeling score)."""
+    setup_logging(log_level, log_file)
+    from .api import run_lds_command
+
+    res = run_lds_command(run_dir, models, keep, targets, removal, mask_seed, plots)
+    if json_:
+        _echo_json(res.to_json())
+    else:
+        log.info("LDS %.3f (95%% CI %.3f..%.3f) over %d targets, %d models, keep %g, %s removal",
+                 res.lds_mean, res.lds_ci[0], res.lds_ci[1], len(res.per_target["index"]),
+                 res.models, res.keep, res.removal)
+
+
 @app.command("show-config")
 def show_config(preset: Preset = "quick", config: ConfigFile = None, set_: Sets = None,
                 json_: Json = False):
@@ -118,15 +142,15 @@ def show_config(preset: Preset = "quick", config: ConfigFile = None, set_: Sets 
 
 @app.command()
 def clean(run_dir: Annotated[Path, typer.Argument(help="Run directory to clean.")],
-          what: Annotated[str, typer.Option(help="checkpoints (keep scores and final state) or all.")] = "checkpoints",
+          what: Annotated[str, typer.Option(help="checkpoints (keep scores and final state), lds or all.")] = "checkpoints",
           log_level: LogLevel = "INFO"):
     """Free disk space: drop checkpoints (scores stay usable) or the whole run directory."""
     setup_logging(log_level)
     from .api import store_path
     from .store import RunStore
 
-    if what not in ("checkpoints", "all"):
-        raise ConfigError(f"--what {what!r}: use checkpoints or all")
+    if what not in ("checkpoints", "lds", "all"):
+        raise ConfigError(f"--what {what!r}: use checkpoints, lds or all")
     path = store_path(run_dir)
     if not RunStore.exists(path):
         raise ConfigError(f"{run_dir} holds no run store ({path} missing)")
@@ -136,6 +160,10 @@ def clean(run_dir: Annotated[Path, typer.Argument(help="Run directory to clean."
         return
     store = RunStore.open(path)
     before = store.nbytes_on_disk()
+    if what == "lds":
+        store.delete("lds")
+        log.info("removed the LDS results from %s", path)
+        return
     store.delete_checkpoints()
     store.status = "cleaned"
     log.info("removed checkpoints from %s (%.1f MB -> %.1f MB); new targets need --force to retrain",

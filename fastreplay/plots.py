@@ -47,3 +47,27 @@ def influence_figure(path: str | Path, target: int, target_image: np.ndarray, ta
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def lds_figure(path: str | Path, result, predicted: np.ndarray, measured: np.ndarray,
+               show: int = 4) -> Path:
+    """Predicted vs measured for the best few measurements, and the histogram of per-target LDS."""
+    lds = np.asarray(result.per_target["lds"], dtype=np.float64)
+    cols = list(np.argsort(-np.nan_to_num(lds, nan=-2))[:show])
+    fig, axes = plt.subplots(1, len(cols) + 1, figsize=(3 * (len(cols) + 1), 3))
+    for ax, c in zip(axes, cols):
+        ax.scatter(predicted[:, c], measured[:, c], s=8)
+        ax.set_title(f"test {result.per_target['index'][c]}: LDS {lds[c]:.2f}", fontsize=8)
+        ax.set_xlabel("predicted (sum of scores)", fontsize=7)
+        ax.set_ylabel("measured", fontsize=7)
+    axes[-1].hist(lds[np.isfinite(lds)], bins=20, range=(-1, 1))
+    axes[-1].set_title(f"LDS mean {result.lds_mean:.3f} [{result.lds_ci[0]:.2f}, "
+                       f"{result.lds_ci[1]:.2f}]", fontsize=8)
+    axes[-1].set_xlabel("per-target LDS", fontsize=7)
+    fig.suptitle(f"{result.models} models, keep {result.keep:g}, {result.removal} removal", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

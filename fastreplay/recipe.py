@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -106,21 +107,34 @@ class Recipe:
         return weights if step >= self.cfg.replay.start_step else self.ones()
 
     def batch_loss(self, theta: torch.Tensor, buffers: torch.Tensor, step: int,
-                   batch_weights: torch.Tensor):
-        """(1/B) sum_i w_i loss_i on step's augmented batch, and the updated running statistics."""
+                   batch_weights: torch.Tensor, present: Optional[torch.Tensor] = None):
+        """(1/B) sum_i w_i loss_i on step's augmented batch, and the updated running statistics.
+
+        ``present`` (bool, per batch slot) takes examples out of the batch altogether (LDS "drop"
+        removal): they skip the forward pass and the loss is averaged over those that remain.
+        """
         idx = self.indices[step]
         x = self.data.train_batch(idx, step)
+        y = self.data.train_y[idx]
+        denom = idx.shape[0]
+        if present is not None:
+            x, y, batch_weights = x[present], y[present], batch_weights[present]
+            denom = max(1, int(present.sum()))
         logits, new_buffers = self.model.forward(theta, buffers, x, train=True)
-        losses = F.cross_entropy(logits, self.data.train_y[idx], reduction="none",
+        losses = F.cross_entropy(logits, y, reduction="none",
                                  label_smoothing=self.cfg.train.label_smoothing)
-        return (batch_weights * losses).sum() / idx.shape[0], new_buffers
+        return (batch_weights * losses).sum() / denom, new_buffers
 
-    def step(self, state: TrainState, weights: torch.Tensor) -> torch.Tensor:
+    def step(self, state: TrainState, weights: torch.Tensor,
+             keep_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Advance ``state`` by one SGD step in place; returns the (detached) batch loss."""
         t = state.step
         w = self.step_weights(weights, t)[self.indices[t]]
+        present = None
+        if keep_mask is not None and t >= self.cfg.replay.start_step:
+            present = keep_mask[self.indices[t]]
         theta = state.theta.detach().requires_grad_(True)
-        loss, new_buffers = self.batch_loss(theta, state.buffers, t, w)
+        loss, new_buffers = self.batch_loss(theta, state.buffers, t, w, present)
         (grad,) = torch.autograd.grad(loss, theta)
         sgd_step_(state.theta, state.momentum, grad, self.model.group_ends, self.lrs[t], self.wds,
                   self.cfg.train.momentum, self.cfg.train.nesterov, self.step_backend)

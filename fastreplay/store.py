@@ -359,6 +359,43 @@ class RunStore:
             return []
         return sorted(self._group["scores"].array_keys())
 
+    def lds_values(self, group: str, masks: np.ndarray, targets: list[int], attrs: dict) -> np.ndarray:
+        """(M, K) measured values of an LDS experiment (NaN = model not trained yet).
+
+        Creates ``group`` with the bit-packed masks on first use; afterwards the stored masks and
+        targets must match, so a resumed experiment never mixes two different designs.
+        """
+        packed = np.packbits(masks, axis=1)
+        m, k = masks.shape[0], len(targets)
+        if f"{group}/masks" in self._group:
+            same = (self._group[f"{group}/masks"].shape == packed.shape
+                    and np.array_equal(self._group[f"{group}/masks"][...], packed)
+                    and list(self._group[group].attrs.get("targets", [])) == list(targets))
+            if not same:
+                raise StoreError(f"{self.path}/{group} holds an LDS run with other subsets or "
+                                 "targets; delete it with `fastreplay clean --what lds` or change --keep")
+            return self._group[f"{group}/values"][...]
+        self._group.create_array(f"{group}/masks", shape=packed.shape, dtype="uint8",
+                                 chunks=(min(256, m), packed.shape[1]))[...] = packed
+        self._group.create_array(f"{group}/values", shape=(m, k), dtype="float64",
+                                 chunks=(1, max(1, k)), fill_value=np.nan)
+        self._group[group].attrs.update(_jsonable({**attrs, "targets": list(targets)}))
+        return np.full((m, k), np.nan)
+
+    def write_lds_row(self, group: str, row: int, values: np.ndarray) -> None:
+        """One model's measurements: one chunk per row, so a crash loses at most that model."""
+        self._group[f"{group}/values"][row] = np.asarray(values, dtype=np.float64)
+
+    def write_lds_result(self, group: str, result: dict) -> None:
+        self._group[group].attrs.update({"result": _jsonable(result), "updated": _now()})
+
+    def lds_groups(self) -> list[str]:
+        return sorted(f"lds/{g}" for g in self._group["lds"].group_keys()) if "lds" in self._group else []
+
+    def delete(self, name: str) -> None:
+        if name in self._group:
+            del self._group[name]
+
     def nbytes_on_disk(self) -> int:
         if "://" in self.path and not self.path.startswith("file://"):
             raise StoreError(f"disk usage is only measured for local stores, not {self.path}")

@@ -1,0 +1,70 @@
+"""LDS on a small float64 synthetic run: high where linearity holds, ~0 for shuffled scores."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastreplay.api import open_or_train, run_magic
+from fastreplay.config import load_config
+from fastreplay.exceptions import ConfigError
+from fastreplay.lds import lds_statistics, run_lds, spearman_rows, subset_masks
+
+OVERRIDES = ["data.name=synthetic", "data.num_train=200", "data.num_test=16",
+             "data.image_size=8", "train.epochs=2", "train.batch_size=20", "train.lr=0.05",
+             "train.dtype=float64", "model.name=tiny-cnn", "replay.checkpoint_every=5"]
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("lds")
+    cfg = load_config("test", overrides=OVERRIDES)
+    run_magic(cfg, list(range(8)), run_dir, plots=False)
+    recipe, store = open_or_train(cfg, run_dir)
+    return recipe, store
+
+
+def test_lds_high_at_small_drop_fraction(scored_run):
+    recipe, store = scored_run
+    res, pred, measured = run_lds(recipe, store, models=16, keep=0.95, targets=None)
+    assert res.lds_mean >= 0.95, res
+    assert res.lds_ci[0] <= res.lds_mean <= res.lds_ci[1]
+    # The metric can fail: the same retrainings scored with shuffled attributions give ~0.
+    scores, _ = store.read_scores("loss")
+    masks = subset_masks(recipe.num_train, 16, 0.95, 0)
+    rng = np.random.default_rng(1)
+    shuffled = np.stack([rng.permutation(row) for row in scores])
+    _, mean_shuffled, _ = lds_statistics(shuffled, masks, measured, bootstrap=10)
+    assert abs(mean_shuffled) < 0.3, mean_shuffled
+
+
+def test_lds_resumes_without_retraining(scored_run, monkeypatch):
+    recipe, store = scored_run
+    first, _, _ = run_lds(recipe, store, models=6, keep=0.9, targets=[0, 1])
+    import fastreplay.lds as lds_mod
+    monkeypatch.setattr(lds_mod, "retrain_subset", lambda *a, **k: pytest.fail("retrained"))
+    again, _, _ = run_lds(recipe, store, models=6, keep=0.9, targets=[0, 1])
+    assert again.per_target == first.per_target
+
+
+def test_bad_lds_arguments(scored_run):
+    recipe, store = scored_run
+    with pytest.raises(ConfigError, match="keep"):
+        run_lds(recipe, store, models=5, keep=1.5, targets=None)
+    with pytest.raises(ConfigError, match="no scores"):
+        run_lds(recipe, store, models=5, keep=0.9, targets=[12])
+
+
+def test_spearman_matches_scipy():
+    from scipy.stats import spearmanr
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(30, 3)), rng.normal(size=(30, 3))
+    ours = spearman_rows(a, b)
+    ref = [spearmanr(a[:, k], b[:, k]).statistic for k in range(3)]
+    np.testing.assert_allclose(ours, ref, rtol=1e-12)
+
+
+def test_masks_keep_exact_fraction_and_are_seeded():
+    m = subset_masks(1000, 4, 0.99, seed=5)
+    assert (m.sum(1) == 990).all()
+    assert np.array_equal(m, subset_masks(1000, 4, 0.99, seed=5))
+    assert not np.array_equal(m, subset_masks(1000, 4, 0.99, seed=6))
