@@ -141,11 +141,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "crop_padding": 4},
         "model": {"name": "resnet9", "width": 1.0, "activation": "gelu", "pool": "max",
                   "output_scale": 0.125},
-        "train": {"epochs": 16, "batch_size": 512, "lr": 0.4, "momentum": 0.9, "nesterov": True,
+        "train": {"epochs": 10, "batch_size": 512, "lr": 0.4, "momentum": 0.9, "nesterov": True,
                   "weight_decay": 5e-4, "schedule": "onecycle", "peak_at": 0.2,
                   "start_factor": 0.1, "end_factor": 0.0, "label_smoothing": 0.2,
                   "dtype": "float32"},
-        "replay": {"checkpoint_every": 40, "target_batch": 10},
+        "replay": {"checkpoint_every": 32, "target_batch": 5},
     },
     # Tests: float64 synthetic data, small enough for finite differences.
     "test": {"device": "cpu"},

@@ -55,6 +55,18 @@ class BatchNorm(nn.Module):
         return (x - self.running_mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
 
 
+class GlobalPool(nn.Module):
+    """Global max or mean over H, W via amax/mean: unlike the adaptive pooling layers their
+    backward passes have deterministic CUDA kernels, which bitwise replay requires."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        return x.amax(dim=(2, 3)) if self.kind == "max" else x.mean(dim=(2, 3))
+
+
 def _act(name: str) -> nn.Module:
     return nn.GELU() if name == "gelu" else nn.ReLU()
 
@@ -85,12 +97,12 @@ class ResNet9(nn.Module):
             _conv_bn(c[1], c[2], act, rho), down(),
             _conv_bn(c[2], c[3], act, rho), down(), Residual(c[3], act, rho),
         )
-        self.global_pool = nn.AdaptiveMaxPool2d(1) if pool == "max" else nn.AdaptiveAvgPool2d(1)
+        self.global_pool = GlobalPool(pool)
         self.head = nn.Linear(c[3], num_classes, bias=False)
         self.output_scale = output_scale
 
     def forward(self, x):
-        return self.head(self.global_pool(self.features(x)).flatten(1)) * self.output_scale
+        return self.head(self.global_pool(self.features(x))) * self.output_scale
 
 
 class TinyCNN(nn.Module):
@@ -100,7 +112,7 @@ class TinyCNN(nn.Module):
         super().__init__()
         c = max(2, int(round(16 * width)))
         self.net = nn.Sequential(_conv_bn(3, c, act, rho), nn.AvgPool2d(2), _conv_bn(c, c, act, rho),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+                                 GlobalPool("avg"), nn.Linear(c, num_classes))
 
     def forward(self, x):
         return self.net(x)
