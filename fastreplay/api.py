@@ -94,6 +94,7 @@ def _merge_scores(store: RunStore, kind: str, targets: list[int], recipe: Recipe
             chunk = missing[lo:lo + b]
             res = replay(recipe, store, chunk, kind)
             seconds += res.seconds
+            log.info("replayed targets %s in %.1fs", chunk, res.seconds)
             have.update({t: res.scores[i] for i, t in enumerate(chunk)})
             all_t = sorted(have)
             store.write_scores(name, np.stack([have[t] for t in all_t]), all_t, kind,

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/cifar10.sh
-fastreplay magic --preset quick --targets 0:4 --run-dir runs/quick --download "$@"
+fastreplay magic --preset quick --targets 0:3 --run-dir runs/quick --download "$@"
