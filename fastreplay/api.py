@@ -94,7 +94,9 @@ def _merge_scores(store: RunStore, kind: str, targets: list[int], recipe: Recipe
             chunk = missing[lo:lo + b]
             res = replay(recipe, store, chunk, kind)
             seconds += res.seconds
-            log.info("replayed targets %s in %.1fs", chunk, res.seconds)
+            peak = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+                    if recipe.device.type == "cuda" else "")
+            log.info("replayed targets %s in %.1fs%s", chunk, res.seconds, peak)
             have.update({t: res.scores[i] for i, t in enumerate(chunk)})
             all_t = sorted(have)
             store.write_scores(name, np.stack([have[t] for t in all_t]), all_t, kind,

@@ -129,6 +129,28 @@ def lds(
                  res.models, res.keep, res.removal)
 
 
+@app.command()
+def bench(
+    what: Annotated[str, typer.Argument(help="kernels: fused adjoint vs the foreach reference.")] = "kernels",
+    device: Annotated[str, typer.Option(help="cuda or cpu.")] = "cuda",
+    targets: Annotated[str, typer.Option(help="Measurement counts K to time, e.g. 1,10.")] = "1,10",
+    json_: Json = False,
+):
+    """Benchmarks against the pure-PyTorch reference path (see benchmarks/RESULTS.md)."""
+    from .bench import bench_kernels
+
+    if what != "kernels":
+        raise ConfigError(f"unknown benchmark {what!r}; available: kernels")
+    ks = tuple(int(k) for k in targets.split(","))
+    out = bench_kernels(device, targets=ks)
+    if json_:
+        _echo_json(out)
+        return
+    typer.echo(f"{out['device']}: adjoint over {out['num_params']:,} params ({out['dtype']})")
+    for r in out["rows"]:
+        typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+
+
 @app.command("show-config")
 def show_config(preset: Preset = "quick", config: ConfigFile = None, set_: Sets = None,
                 json_: Json = False):
