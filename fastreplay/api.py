@@ -35,6 +35,7 @@ class MagicResult:
     accuracy: float
     train_seconds: Optional[float]
     replay_seconds: float
+    replayed: int
     store_bytes: int
     peak_gpu_bytes: Optional[int]
     plots: list[str] = field(default_factory=list)
@@ -105,7 +106,7 @@ def _merge_scores(store: RunStore, kind: str, targets: list[int], recipe: Recipe
                  seconds / len(missing))
     else:
         log.info("all %d target(s) already scored in the store", len(targets))
-    return np.stack([have[t] for t in targets]), seconds
+    return np.stack([have[t] for t in targets]), seconds, len(missing)
 
 
 def run_magic(cfg: RunConfig, targets: list[int], run_dir: str | Path, force: bool = False,
@@ -116,11 +117,11 @@ def run_magic(cfg: RunConfig, targets: list[int], run_dir: str | Path, force: bo
     recipe, store = open_or_train(cfg, run_dir, force, download)
     final = load_final(recipe, store)
     kind = cfg.measure.kind
-    scores, seconds = _merge_scores(store, kind, targets, recipe)
+    scores, seconds, replayed = _merge_scores(store, kind, targets, recipe)
     values = measure(recipe, final.theta, final.buffers, targets, kind).cpu().numpy()
     store.flush()
     result = MagicResult(targets, scores, values, float(store.get_attr("test_accuracy", float("nan"))),
-                         store.get_attr("train_seconds"), seconds, store.nbytes_on_disk(),
+                         store.get_attr("train_seconds"), seconds, replayed, store.nbytes_on_disk(),
                          torch.cuda.max_memory_allocated() if recipe.device.type == "cuda" else None,
                          run_dir=str(run_dir))
     if scores_out:
@@ -143,7 +144,8 @@ def run_magic(cfg: RunConfig, targets: list[int], run_dir: str | Path, force: bo
 def summary(res: MagicResult) -> dict:
     return {"targets": res.targets, "test_accuracy": res.accuracy,
             "train_seconds": res.train_seconds, "replay_seconds": res.replay_seconds,
-            "replay_seconds_per_target": res.replay_seconds / max(1, len(res.targets)),
+            "replayed_targets": res.replayed,
+            "replay_seconds_per_target": res.replay_seconds / max(1, res.replayed),
             "store_bytes": res.store_bytes, "peak_gpu_bytes": res.peak_gpu_bytes,
             "run_dir": res.run_dir, "plots": res.plots}
 
