@@ -113,6 +113,7 @@ def lds(
     targets: Annotated[Optional[str], typer.Option(help="Scored targets to evaluate (default: all scored).")] = None,
     removal: Annotated[str, typer.Option(help="weight (w=0 in the same batch slots) or drop (out of the batch).")] = "weight",
     mask_seed: Annotated[int, typer.Option(help="Seed of the subset draws.")] = 0,
+    models_per_batch: Annotated[int, typer.Option(help="Models trained at once (0 = measure and pick).")] = 0,
     plots: Annotated[bool, typer.Option(help="Save the scatter and histogram PNGs.")] = True,
     json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
 ):
@@ -120,7 +121,10 @@ def lds(
     setup_logging(log_level, log_file)
     from .api import run_lds_command
 
-    res = run_lds_command(run_dir, models, keep, targets, removal, mask_seed, plots)
+    if models_per_batch < 0:
+        raise ConfigError("--models-per-batch must be >= 0 (0 = pick automatically)")
+    res = run_lds_command(run_dir, models, keep, targets, removal, mask_seed, plots,
+                          models_per_batch)
     if json_:
         _echo_json(res.to_json())
     else:
@@ -149,6 +153,31 @@ def bench(
     typer.echo(f"{out['device']}: adjoint over {out['num_params']:,} params ({out['dtype']})")
     for r in out["rows"]:
         typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+
+
+@app.command()
+def smoothness(
+    run_dir: Annotated[Path, typer.Option(help="Run directory of a `fastreplay magic` run.")],
+    keep: Annotated[float, typer.Option(help="Fraction kept by the probe direction (as in LDS).")] = 0.99,
+    seed: Annotated[int, typer.Option(help="Seed of the removed set.")] = 0,
+    json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
+):
+    """Cheap predictability check of a recipe: determinism and linearity along one LDS-like direction."""
+    setup_logging(log_level, log_file)
+    from .api import open_trained
+    from .smoothness import PASS_THRESHOLD, check_smoothness
+
+    if not 0 < keep < 1:
+        raise ConfigError(f"--keep {keep}: use a fraction in (0, 1), e.g. 0.99")
+    recipe, store = open_trained(run_dir)
+    rep = check_smoothness(recipe, store, keep, seed)
+    if json_:
+        _echo_json(rep.to_json())
+    else:
+        log.info("deterministic: %s | smoothness %.2f (pass >= %.1f: %s) | Spearman(predicted, "
+                 "actual) %.2f | curvature ratio %.2f", rep.deterministic, rep.score,
+                 PASS_THRESHOLD, "PASS" if rep.passed else "FAIL",
+                 rep.spearman_predicted_vs_actual, rep.median_curvature_ratio)
 
 
 @app.command("show-config")

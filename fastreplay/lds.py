@@ -20,6 +20,7 @@ from scipy.stats import rankdata
 
 from .exceptions import ConfigError, StoreError
 from .measure import measure
+from .multitrain import choose_models_per_batch, train_many
 from .progress import log, progress_bar
 from .recipe import Recipe
 from .train import run_steps
@@ -86,7 +87,7 @@ def retrain_subset(recipe: Recipe, mask: np.ndarray, removal: str) -> tuple:
 
 
 def run_lds(recipe: Recipe, store, models: int, keep: float, targets: Optional[list[int]],
-            removal: str = "weight", mask_seed: int = 0):
+            removal: str = "weight", mask_seed: int = 0, models_per_batch: int = 0):
     """Returns (result, predicted (M, K), measured (M, K)) for the chosen targets."""
     if not 0 < keep < 1:
         raise ConfigError(f"--keep {keep}: use a fraction in (0, 1), e.g. 0.99")
@@ -114,14 +115,26 @@ def run_lds(recipe: Recipe, store, models: int, keep: float, targets: Optional[l
     if todo:
         log.info("LDS: training %d of %d subset models (keep %.3g, %s removal)",
                  len(todo), models, keep, removal)
+    per_batch = 1
+    if todo and removal == "weight":  # drop removal changes batch sizes per model: one at a time
+        per_batch = models_per_batch or choose_models_per_batch(recipe, len(todo))
     with progress_bar("LDS models", len(todo)) as advance:
-        for j in todo:
-            theta, buffers = retrain_subset(recipe, masks[j], removal)
-            row = measure(recipe, theta, buffers, scored, kind).cpu().numpy()
-            store.write_lds_row(group, j, row)
-            values[j] = row
-            advance()
+        for lo in range(0, len(todo), per_batch):
+            chunk = todo[lo:lo + per_batch]
+            if per_batch == 1:
+                finals = [retrain_subset(recipe, masks[chunk[0]], removal)]
+            else:
+                st = train_many(recipe, torch.from_numpy(masks[chunk].astype(np.float64)))
+                finals = list(zip(st.theta, st.buffers))
+            for j, (theta, buffers) in zip(chunk, finals):
+                row = measure(recipe, theta, buffers, scored, kind).cpu().numpy()
+                store.write_lds_row(group, j, row)
+                values[j] = row
+            advance(len(chunk))
     seconds = time.perf_counter() - t0
+    if todo:
+        log.info("LDS: %d models in %.1fs (%.1f models/min, %d per batch)", len(todo), seconds,
+                 60 * len(todo) / seconds, per_batch)
     measured = values[:, [scored.index(t) for t in targets]]
     per_target, mean, ci = lds_statistics(scores, masks, measured)
     result = LdsResult(mean, ci, {"index": targets, "lds": [float(x) for x in per_target]},

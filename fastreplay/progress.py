@@ -14,6 +14,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 log = logging.getLogger("fastreplay")
 _console = Console(stderr=True)
 _enabled = sys.stderr.isatty()
+_live: Optional[Progress] = None
 
 
 def setup_logging(level: str = "INFO", log_file: Optional[str] = None,
@@ -33,12 +34,27 @@ def setup_logging(level: str = "INFO", log_file: Optional[str] = None,
 
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator:
-    """Yields ``advance(n=1)``; draws a bar only on an interactive terminal."""
+    """Yields ``advance(n=1)``; draws a bar only on an interactive terminal.
+
+    Nested bars (a rebuild inside a replay) join the outer display as an extra, transient row.
+    """
+    global _live
     if not _enabled:
         yield lambda n=1: None
+        return
+    if _live is not None:
+        task = _live.add_task(description, total=total)
+        try:
+            yield lambda n=1: _live.advance(task, n)
+        finally:
+            _live.remove_task(task)
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=_console,
                   transient=False) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+        _live = bar
+        try:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
+        finally:
+            _live = None

@@ -53,6 +53,43 @@ def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, ste
     return torch.stack(hvps), torch.stack(wgrads)
 
 
+def reverse_states(recipe: Recipe, state: TrainState, end: int, arity: int, ones: torch.Tensor,
+                   stop: int, expect_end: torch.Tensor | None = None):
+    """Yield (t, theta_t, buffers_t) for t = end-1 down to ``stop``, rebuilt from ``state``.
+
+    arity 0 keeps every state of the segment (one forward pass, end - begin states in memory);
+    arity k >= 2 is REPLAY's lazy k-ary tree: keep k states, recurse into the sub-segments
+    last first (O(k log_k L) states, O(log_k L) forward passes). The arithmetic per step is the
+    same either way, so scores are bitwise identical across schedules. ``expect_end``: the stored
+    state at ``end``; the rebuilt one must equal it bit for bit.
+    """
+    begin = state.step
+    n = end - begin
+    leaf = arity == 0 or n <= arity
+    size = 1 if leaf else -(-n // arity)
+    kept: list = []
+
+    def keep(st: TrainState) -> None:
+        if st.step >= stop or not leaf:
+            if (st.step - begin) % size == 0:
+                kept.append((st.step, st.theta.clone(), st.buffers) if leaf else st.clone())
+
+    run_steps(recipe, state, ones, end, on_step=keep, description="rebuild")
+    if expect_end is not None and not torch.equal(state.theta, expect_end):
+        raise ReplayError(
+            f"recomputing steps {begin}..{end} did not reproduce the stored state bit for bit: "
+            "the run is not deterministic here (same device, torch and kernels as training "
+            "are required)")
+    if leaf:
+        yield from reversed(kept)
+        return
+    while kept:
+        sub = kept.pop()
+        sub_end = min(sub.step + size, end)
+        if sub_end > stop:
+            yield from reverse_states(recipe, sub, sub_end, arity, ones, stop)
+
+
 def _segments(checkpoint_steps: list[int], num_steps: int, start_step: int):
     """(begin, end, slot) for each checkpoint segment overlapping [start_step, num_steps), last first."""
     bounds = checkpoint_steps + [num_steps]
@@ -62,7 +99,7 @@ def _segments(checkpoint_steps: list[int], num_steps: int, start_step: int):
 
 def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult:
     """Exact scores d phi_k / d w_i for the targets, from the run held by ``store``."""
-    to = lambda a: torch.from_numpy(np.asarray(a)).to(recipe.device, recipe.dtype)  # noqa: E731
+    to = lambda a: torch.tensor(np.asarray(a), device=recipe.device, dtype=recipe.dtype)  # noqa: E731  (a copy)
     stored_backend = store.get_attr("step_backend")
     if stored_backend and stored_backend != recipe.step_backend:
         raise ReplayError(f"the run was trained with the {stored_backend} step kernels but this "
@@ -85,34 +122,23 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
     ones = recipe.ones()
     segments = _segments(slots_steps, recipe.num_steps, start)
     total = sum(end - max(begin, start) for begin, end, _ in segments)
-    next_state = (final_params, final_buffers)
+    next_state = final_params
+    arity = recipe.cfg.replay.tree_arity if recipe.cfg.replay.schedule == "tree" else 0
     with progress_bar(f"replay {len(targets)} target(s)", total) as advance:
         for begin, end, slot in segments:
             step, params, momentum, buffers = store.read_checkpoint(slot)
             state = TrainState(to(params), to(momentum), to(buffers), step)
-            thetas, bufs = [], []
-
-            def keep(st: TrainState) -> None:
-                thetas.append(st.theta.clone())
-                bufs.append(st.buffers)
-
-            run_steps(recipe, state, ones, end, on_step=keep, description="rebuild")
-            if not torch.equal(state.theta, next_state[0]):
-                raise ReplayError(
-                    f"recomputing steps {begin}..{end} did not reproduce the stored state "
-                    "bit for bit: the run is not deterministic here (same device, torch and "
-                    "kernels as training are required)")
-            next_state = (thetas[0], bufs[0])
-            for t in range(end - 1, max(begin, start) - 1, -1):
+            for t, theta_t, buffers_t in reverse_states(recipe, state, end, arity, ones,
+                                                       stop=max(begin, start),
+                                                       expect_end=next_state):
                 sgd_adjoint_(theta_bar, m_bar, g_bar, pending_hvp, recipe.model.group_ends,
                              recipe.lrs[t], recipe.wds, cfg_t.momentum, cfg_t.nesterov,
                              recipe.adjoint_backend)
-                theta_t = thetas[t - begin]
-                pending_hvp, wgrad = step_vjp(recipe, theta_t, bufs[t - begin], t, g_bar, b_bar)
+                pending_hvp, wgrad = step_vjp(recipe, theta_t, buffers_t, t, g_bar, b_bar)
                 b_bar.mul_(1 - rho)
                 scores[:, recipe.indices[t]] += wgrad.to(torch.float64)
                 advance()
-            del thetas, bufs
+            next_state = to(params)
     del ones
     if recipe.device.type == "cuda":
         torch.cuda.synchronize()

@@ -13,7 +13,18 @@ from typer.testing import CliRunner
 
 from fastreplay.cli import app
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+def _find_shared() -> Path:
+    """The project's shared/ folder: beside the checkout (CI, sessions) or named by $FASTREPLAY_SHARED."""
+    if os.environ.get("FASTREPLAY_SHARED"):
+        return Path(os.environ["FASTREPLAY_SHARED"])
+    repo = Path(__file__).resolve().parents[1]
+    for cand in (repo.parent / "shared", repo / "shared"):
+        if (cand / "data").is_dir():
+            return cand
+    return repo.parent / "shared"
+
+
+SHARED = _find_shared()
 
 
 def cuda_available() -> bool:

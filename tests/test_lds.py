@@ -68,3 +68,30 @@ def test_masks_keep_exact_fraction_and_are_seeded():
     assert (m.sum(1) == 990).all()
     assert np.array_equal(m, subset_masks(1000, 4, 0.99, seed=5))
     assert not np.array_equal(m, subset_masks(1000, 4, 0.99, seed=6))
+
+
+def test_batched_lds_equals_one_at_a_time(scored_run):
+    """Training 3 models at once (vmap) gives the same measurements up to float64 rounding."""
+    recipe, store = scored_run
+    one, _, v1 = run_lds(recipe, store, models=3, keep=0.8, targets=[0, 1, 2], mask_seed=11,
+                         models_per_batch=1)
+    store.delete("lds/weight_keep0.8")
+    many, _, v3 = run_lds(recipe, store, models=3, keep=0.8, targets=[0, 1, 2], mask_seed=11,
+                          models_per_batch=3)
+    np.testing.assert_allclose(v3, v1, rtol=1e-10, atol=1e-12)
+
+
+def test_smoothness_passes_on_a_smooth_run_and_can_fail(scored_run):
+    from fastreplay.smoothness import check_smoothness
+    recipe, store = scored_run
+    rep = check_smoothness(recipe, store, keep=0.95)
+    assert rep.deterministic and rep.passed and rep.score > 0.8, rep
+    assert 0.8 < rep.median_curvature_ratio < 1.25
+    # Scores that point the wrong way must fail the check.
+    scores, attrs = store.read_scores("loss")
+    store.write_scores("loss", -scores, attrs["targets"], "loss")
+    try:
+        bad = check_smoothness(recipe, store, keep=0.95)
+        assert not bad.passed and bad.score < 0.2
+    finally:
+        store.write_scores("loss", scores, attrs["targets"], "loss")

@@ -34,14 +34,20 @@ def test_replay_equals_unrolled_oracle(model, backend, tmp_path):
     assert np.abs(oracle).max() > 1e-3
 
 
-def test_scores_identical_across_checkpoint_intervals(tmp_path):
-    """Bitwise: the reverse pass does the same arithmetic whatever the segmenting."""
-    results = []
-    for every in (1, 4, 100):
-        cfg = _cfg(f"replay.checkpoint_every={every}")
-        recipe, store = open_or_train(cfg, tmp_path / f"e{every}")
-        results.append(replay(recipe, store, [1, 3], "margin").scores)
-    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+@pytest.mark.parametrize("start_step", [0, 5])
+def test_scores_identical_across_checkpoint_schedules(tmp_path, start_step):
+    """Bitwise: every checkpoint interval and the k-ary tree do the same per-step arithmetic."""
+    results = {}
+    for every, schedule, arity in ((1, "interval", 2), (4, "interval", 2), (100, "interval", 2),
+                                   (100, "tree", 2), (7, "tree", 3), (100, "tree", 4)):
+        cfg = _cfg(f"replay.checkpoint_every={every}", f"replay.schedule={schedule}",
+                   f"replay.tree_arity={arity}", f"replay.start_step={start_step}")
+        recipe, store = open_or_train(cfg, tmp_path / f"e{every}{schedule}{arity}")
+        results[(every, schedule, arity)] = replay(recipe, store, [1, 3], "margin").scores
+    first = next(iter(results.values()))
+    assert np.abs(first).max() > 0
+    for key, scores in results.items():
+        assert np.array_equal(scores, first), key
 
 
 def test_batched_targets_equal_one_at_a_time(tmp_path):

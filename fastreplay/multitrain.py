@@ -1,0 +1,86 @@
+"""Train several models at once under the identical schedule (LDS retraining, smoothness probes).
+
+The M models share every input batch (same order, same augmentation) and differ only in their
+per-example weights, so one vmapped step (torch.func.grad over functional_call) trains all of
+them: M parameter vectors stacked as (M, P) and one fused optimizer step over the stack. On a
+GPU this fills the card where one small model would not; ``choose_models_per_batch`` measures
+which is faster instead of guessing.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+from .kernels import sgd_step_
+from .progress import log
+from .recipe import Recipe, TrainState
+from .train import _NanWatch
+
+
+def _make_step(recipe: Recipe):
+    model, cfg = recipe.model, recipe.cfg.train
+
+    def loss_fn(theta, buffers, w_batch, x, y):
+        logits, new_buffers = model.forward(theta, buffers, x, train=True)
+        losses = F.cross_entropy(logits, y, reduction="none", label_smoothing=cfg.label_smoothing)
+        loss = (w_batch * losses).sum() / x.shape[0]
+        return loss, (new_buffers, loss)
+
+    return vmap(grad(loss_fn, has_aux=True), in_dims=(0, 0, 0, None, None))
+
+
+def train_many(recipe: Recipe, weights: torch.Tensor, num_steps: int | None = None) -> TrainState:
+    """Train len(weights) models (weights: (M, N)); returns a stacked state ((M, P), ...)."""
+    m = weights.shape[0]
+    weights = weights.to(recipe.device, recipe.dtype)
+    init = recipe.init_state()
+    state = TrainState(init.theta.expand(m, -1).clone(), torch.zeros(m, init.theta.numel(),
+                       dtype=recipe.dtype, device=recipe.device),
+                       init.buffers.expand(m, -1).clone(), 0)
+    step_fn = _make_step(recipe)
+    ones = recipe.ones()
+    watch = _NanWatch(recipe.device)
+    cfg = recipe.cfg.train
+    for t in range(recipe.num_steps if num_steps is None else num_steps):
+        idx = recipe.indices[t]
+        x = recipe.data.train_batch(idx, t)
+        y = recipe.data.train_y[idx]
+        w = weights[:, idx] if t >= recipe.cfg.replay.start_step else ones[idx].expand(m, -1)
+        grads, (new_buffers, losses) = step_fn(state.theta, state.buffers, w, x, y)
+        sgd_step_(state.theta, state.momentum, grads, recipe.model.group_ends, recipe.lrs[t],
+                  recipe.wds, cfg.momentum, cfg.nesterov, recipe.step_backend)
+        state.buffers = new_buffers
+        watch.update(losses.sum(), t)
+        state.step = t + 1
+    watch.check()
+    return state
+
+
+def _steps_per_second(recipe: Recipe, m: int, steps: int = 3) -> float:
+    """Model-steps per second of an m-model batch over a few real steps."""
+    weights = recipe.ones().expand(m, -1)
+    train_many(recipe, weights, num_steps=1)  # warm-up (kernel selection, allocator)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    train_many(recipe, weights, num_steps=steps)
+    torch.cuda.synchronize()
+    return m * steps / (time.perf_counter() - t0)
+
+
+def choose_models_per_batch(recipe: Recipe, models: int, candidates=(1, 4, 8, 16)) -> int:
+    """The fastest models-per-batch on this device, by measurement (1 on the CPU)."""
+    if recipe.device.type != "cuda" or models == 1:
+        return 1
+    best, best_rate = 1, 0.0
+    for m in [c for c in candidates if c <= models]:
+        try:
+            rate = _steps_per_second(recipe, m)
+        except torch.OutOfMemoryError:
+            break
+        log.info("models per batch %d: %.1f model-steps/s", m, rate)
+        if rate > best_rate:
+            best, best_rate = m, rate
+    return best
