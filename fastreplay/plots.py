@@ -17,6 +17,15 @@ def _show(ax, image_chw: np.ndarray, title: str, color: str = "black") -> None:
     ax.set_yticks([])
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def helpful_order(scores: np.ndarray, kind: str) -> np.ndarray:
     """Indices from most helpful to most harmful. Upweighting a helpful example lowers the
     target's loss (negative score) or raises its margin (positive score)."""
@@ -41,12 +50,7 @@ def influence_figure(path: str | Path, target: int, target_image: np.ndarray, ta
         axes[r, 1].yaxis.set_visible(True)
     fig.suptitle(f"Most helpful (top) and harmful (bottom) training examples, d{kind}/dw",
                  fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def lds_figure(path: str | Path, result, predicted: np.ndarray, measured: np.ndarray,
@@ -65,9 +69,4 @@ def lds_figure(path: str | Path, result, predicted: np.ndarray, measured: np.nda
                        f"{result.lds_ci[1]:.2f}]", fontsize=8)
     axes[-1].set_xlabel("per-target LDS", fontsize=7)
     fig.suptitle(f"{result.models} models, keep {result.keep:g}, {result.removal} removal", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
