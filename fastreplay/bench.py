@@ -105,3 +105,54 @@ def bench_kernels(device: str = "cuda", num_params: int = 6_573_120, targets=(1,
             row["fraction_of_copy_bw"] = row["fused_GBps"] / row["copy_GBps"]
         out["rows"].append(row)
     return out
+
+
+def bench_replay(cfg, targets: int = 4, steps: int = 5) -> dict:
+    """Per-step costs of the recipe ``cfg``: training step, replay step for 1 and K measurements,
+    and a training run with vs without checkpoint streaming (in a temporary run store)."""
+    import tempfile
+
+    from .recipe import Recipe
+    from .replay import step_vjp
+    from .store import RunStore, versions
+    from .train import train, train_into_store
+
+    recipe = Recipe(cfg)
+    dev = recipe.device
+    state = recipe.init_state()
+    ones = recipe.ones()
+
+    def one_step():
+        recipe.step(state, ones)
+        state.step = 0
+
+    out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "params": recipe.model.num_params, "steps": recipe.num_steps,
+           "train_step_s": _time(one_step, dev, reps=steps, warm=2)}
+    for k in sorted({1, targets}):
+        g_bar = torch.randn(k, recipe.model.num_params, device=dev, dtype=recipe.dtype)
+        b_bar = torch.randn(k, recipe.model.num_buffers, device=dev, dtype=recipe.dtype)
+        out[f"replay_step_K{k}_s"] = _time(
+            lambda: step_vjp(recipe, state.theta, state.buffers, 0, g_bar, b_bar), dev,
+            reps=steps, warm=1)
+        out[f"replay_step_K{k}_over_train_step"] = out[f"replay_step_K{k}_s"] / out["train_step_s"]
+
+    def timed_run(fn):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    out["train_run_s"] = timed_run(lambda: train(recipe))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = RunStore.create(f"{tmp}/run.zarr", cfg.to_dict(), cfg.fingerprint(), versions())
+        out["train_run_streaming_s"] = timed_run(lambda: train_into_store(recipe, store))
+        out["store_bytes"] = store.nbytes_on_disk()
+        store.close()
+    out["streaming_slowdown"] = out["train_run_streaming_s"] / out["train_run_s"] - 1
+    if dev.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
+    return out

@@ -135,23 +135,28 @@ def lds(
 
 @app.command()
 def bench(
-    what: Annotated[str, typer.Argument(help="kernels: fused adjoint vs the foreach reference.")] = "kernels",
+    what: Annotated[str, typer.Argument(help="kernels (fused adjoint vs foreach) or replay (step and run costs of a recipe).")] = "kernels",
     device: Annotated[str, typer.Option(help="cuda or cpu.")] = "cuda",
     targets: Annotated[str, typer.Option(help="Measurement counts K to time, e.g. 1,10.")] = "1,10",
+    preset: Preset = "full", config: ConfigFile = None, set_: Sets = None,
     json_: Json = False,
 ):
     """Benchmarks against the pure-PyTorch reference path (see benchmarks/RESULTS.md)."""
-    from .bench import bench_kernels
+    from .bench import bench_kernels, bench_replay
 
-    if what != "kernels":
-        raise ConfigError(f"unknown benchmark {what!r}; available: kernels")
     ks = tuple(int(k) for k in targets.split(","))
-    out = bench_kernels(device, targets=ks)
+    if what == "kernels":
+        out = bench_kernels(device, targets=ks)
+        rows = out["rows"]
+    elif what == "replay":
+        out = bench_replay(_config(preset, config, (set_ or []) + [f"device={device}"]), targets=max(ks))
+        rows = [out]
+    else:
+        raise ConfigError(f"unknown benchmark {what!r}; available: kernels, replay")
     if json_:
         _echo_json(out)
         return
-    typer.echo(f"{out['device']}: adjoint over {out['num_params']:,} params ({out['dtype']})")
-    for r in out["rows"]:
+    for r in rows:
         typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 
 
