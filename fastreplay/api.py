@@ -5,7 +5,7 @@ Layers (kronfluence-style): api (this) -> train / replay / store -> recipe, mode
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,14 +14,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import RunConfig, to_toml
+from .config import RunConfig, score_name, to_toml
 from .exceptions import ConfigError, StoreError
-from .measure import accuracy, measure
-from .plots import influence_figure
+from .faults import crash_point
+from .measure import measure
 from .progress import log
 from .recipe import Recipe
 from .replay import replay
-from .store import RunStore, versions
+from .store import RunDirLock, RunStore, check_writable, discard_store, disk_errors, versions
 from .train import load_final, train, train_into_store
 
 STORE_NAME = "run.zarr"
@@ -46,40 +46,87 @@ def store_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / STORE_NAME
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small text file via a temporary name and a rename (never half-written)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    with disk_errors(str(path)):
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def lock_run_dir(run_dir: str | Path, create: bool = True) -> RunDirLock:
+    """Make sure ``run_dir`` exists and is writable, then take its exclusive lock (held until the
+    store is closed or the process ends, however it ends)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise StoreError(f"--run-dir {run_dir} is a file, not a directory; choose a directory")
+    if create:
+        with disk_errors(f"run directory {run_dir}"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)
+    lock = RunDirLock(run_dir)
+    try:
+        path = store_path(run_dir)
+        if path.is_dir():
+            check_writable(path)
+        if lock.owner:
+            for tmp in run_dir.glob(".*.tmp"):  # left by a write_text_atomic that was killed
+                tmp.unlink(missing_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
                   download: bool = False) -> tuple[Recipe, RunStore]:
-    """A store holding a finished run of ``cfg``: reused when present, else trained (or resumed)."""
+    """A store holding a finished run of ``cfg``: reused when present, else trained (or resumed).
+
+    Takes the run directory's lock (another fastreplay process on it is refused) and keeps it
+    in ``store.lock`` until ``store.close()``.
+    """
     path = store_path(run_dir)
     recipe = Recipe(cfg, download=download)
-    if force and RunStore.exists(path):
-        log.info("--force: removing the existing run store %s", path)
-        shutil.rmtree(path)
-    if RunStore.exists(path):
-        store = RunStore.open(path)
-        if store.fingerprint != cfg.fingerprint():
-            raise StoreError(f"{path} holds a run of a different config (fingerprint "
-                             f"{store.fingerprint} != {cfg.fingerprint()}); use another --run-dir "
-                             "or --force to discard it")
-    else:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        store = RunStore.create(path, cfg.to_dict(), cfg.fingerprint(), versions())
-        store.set_attr("step_backend", recipe.step_backend)
-    (Path(run_dir) / "config.toml").write_text(to_toml(cfg))
-    if store.status in ("trained", "cleaned"):
-        log.info("reusing the trained run in %s", path)
-        return recipe, store
-    state, seconds = train_into_store(recipe, store)
-    acc = accuracy(recipe, state.theta, state.buffers)
-    store.set_attr("train_seconds", seconds)
-    store.set_attr("test_accuracy", acc)
+    lock = lock_run_dir(run_dir)
+    try:
+        if force and path.exists():
+            log.info("--force: removing the existing run store %s", path)
+            discard_store(path)
+        if RunStore.exists(path):
+            store = RunStore.open(path)
+            store.lock = lock
+            if lock.owner:
+                store.remove_partial_files()  # left by a killed writer; we hold the lock
+            if store.fingerprint != cfg.fingerprint():
+                raise StoreError(f"{path} holds a run of a different config (fingerprint "
+                                 f"{store.fingerprint} != {cfg.fingerprint()}); use another "
+                                 "--run-dir or --force to discard it")
+        else:
+            store = RunStore.create(path, cfg.to_dict(), cfg.fingerprint(), versions(),
+                                    attrs={"step_backend": recipe.step_backend})
+            store.lock = lock
+            crash_point("store_created")
+        write_text_atomic(Path(run_dir) / "config.toml", to_toml(cfg))
+        if store.status in ("trained", "cleaned"):
+            log.info("reusing the trained run in %s", path)
+            return recipe, store
+        state, seconds = train_into_store(recipe, store)
+    except BaseException:
+        lock.release()
+        raise
     log.info("trained %d steps in %.1fs, test accuracy %.2f%%; run stored in %s",
-             recipe.num_steps, seconds, 100 * acc, path)
+             recipe.num_steps, seconds, 100 * store.get_attr("test_accuracy", float("nan")), path)
     return recipe, store
 
 
 def _merge_scores(store: RunStore, kind: str, targets: list[int], recipe: Recipe):
     """Scores for ``targets``, computing only those the store does not hold yet."""
-    name = kind
+    name = score_name(recipe.cfg)
     have: dict[int, np.ndarray] = {}
     if name in store.score_names():
         old, attrs = store.read_scores(name)
@@ -99,9 +146,11 @@ def _merge_scores(store: RunStore, kind: str, targets: list[int], recipe: Recipe
                     if recipe.device.type == "cuda" else "")
             log.info("replayed targets %s in %.1fs%s", chunk, res.seconds, peak)
             have.update({t: res.scores[i] for i, t in enumerate(chunk)})
-            all_t = sorted(have)
-            store.write_scores(name, np.stack([have[t] for t in all_t]), all_t, kind,
-                               {"start_step": recipe.cfg.replay.start_step})
+            # Only the new rows are written; they count once their target ids are committed,
+            # so a crash here keeps every earlier chunk and loses at most this one.
+            store.append_scores(name, res.scores, chunk, kind,
+                                {"start_step": recipe.cfg.replay.start_step})
+            crash_point("replay_chunk")
         log.info("replayed %d target(s) in %.1fs (%.2fs each)", len(missing), seconds,
                  seconds / len(missing))
     else:
@@ -115,6 +164,17 @@ def run_magic(cfg: RunConfig, targets: list[int], run_dir: str | Path, force: bo
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     recipe, store = open_or_train(cfg, run_dir, force, download)
+    try:
+        result = _magic_outputs(recipe, store, cfg, targets, run_dir, scores_out, plots)
+    except BaseException:
+        store.lock.release()  # what is stored stays; the next run resumes from it
+        raise
+    store.close()
+    return result
+
+
+def _magic_outputs(recipe: Recipe, store: RunStore, cfg: RunConfig, targets: list[int], run_dir,
+                   scores_out: Optional[str], plots: bool) -> MagicResult:
     final = load_final(recipe, store)
     kind = cfg.measure.kind
     scores, seconds, replayed = _merge_scores(store, kind, targets, recipe)
@@ -125,19 +185,21 @@ def run_magic(cfg: RunConfig, targets: list[int], run_dir: str | Path, force: bo
                          torch.cuda.max_memory_allocated() if recipe.device.type == "cuda" else None,
                          run_dir=str(run_dir))
     if scores_out:
-        np.save(scores_out, scores)
+        with disk_errors(str(scores_out)):
+            np.save(scores_out, scores)
         log.info("scores (%d targets x %d examples) written to %s", *scores.shape, scores_out)
     if plots:
+        from .plots import influence_figure  # matplotlib: imported only when plotting
         data = recipe.data
         train_x, train_y = data.train_x.cpu().numpy(), data.train_y.cpu().numpy()
-        for k, t in enumerate(targets):
-            path = influence_figure(Path(run_dir) / "plots" / f"target_{t:05d}.png", t,
-                                    data.test_x[t].cpu().numpy(), int(data.test_y[t]), scores[k],
-                                    train_x, train_y, data.class_names, kind, float(values[k]))
-            result.plots.append(str(path))
+        with disk_errors(f"the plots in {Path(run_dir) / 'plots'}"):
+            for k, t in enumerate(targets):
+                path = influence_figure(Path(run_dir) / "plots" / f"target_{t:05d}.png", t,
+                                        data.test_x[t].cpu().numpy(), int(data.test_y[t]), scores[k],
+                                        train_x, train_y, data.class_names, kind, float(values[k]))
+                result.plots.append(str(path))
         log.info("influence plots written to %s", Path(run_dir) / "plots")
-    (Path(run_dir) / "magic_summary.json").write_text(json.dumps(summary(result), indent=2))
-    store.close()
+    write_text_atomic(Path(run_dir) / "magic_summary.json", json.dumps(summary(result), indent=2))
     return result
 
 
@@ -168,27 +230,46 @@ def counterfactual(cfg: RunConfig, weights: np.ndarray, targets: list[int],
 
 
 def open_trained(run_dir: str | Path, download: bool = False) -> tuple[Recipe, RunStore]:
-    """The recipe and store of a finished run, rebuilt from the config saved in the store."""
+    """The recipe and store of a finished run, rebuilt from the config saved in the store.
+
+    Takes the run directory's lock (kept in ``store.lock`` until ``store.close()``).
+    """
     from .config import config_from_dict
     path = store_path(run_dir)
-    store = RunStore.open(path)
-    cfg = config_from_dict(store.config)
-    recipe = Recipe(cfg, download=download)
-    load_final(recipe, store)  # refuses unfinished runs with a clear message
+    if not RunStore.exists(path):
+        RunStore.open(path).close()  # raises the "no run store" StoreError
+    lock = lock_run_dir(run_dir, create=False)
+    try:
+        store = RunStore.open(path)
+        store.lock = lock
+        if lock.owner:
+            store.remove_partial_files()  # left by a killed writer; we hold the lock
+        cfg = config_from_dict(store.config)
+        recipe = Recipe(cfg, download=download)
+        load_final(recipe, store)  # refuses unfinished runs with a clear message
+    except BaseException:
+        lock.release()
+        raise
     return recipe, store
 
 
 def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], removal: str,
-                    mask_seed: int = 0, plots: bool = True):
+                    mask_seed: int = 0, plots: bool = True, models_per_batch: int = 0):
     from .lds import run_lds
     from .measure import parse_targets
     from .plots import lds_figure
     recipe, store = open_trained(run_dir)
-    ids = parse_targets(targets, recipe.data.num_test) if targets else None
-    res, predicted, measured = run_lds(recipe, store, models, keep, ids, removal, mask_seed)
-    if plots:
-        path = lds_figure(Path(run_dir) / "plots" / f"lds_{removal}_keep{keep:g}.png", res,
-                          predicted, measured)
-        log.info("LDS plot written to %s", path)
+    try:
+        ids = parse_targets(targets, recipe.data.num_test) if targets else None
+        res, predicted, measured = run_lds(recipe, store, models, keep, ids, removal, mask_seed,
+                                           models_per_batch)
+        if plots:
+            with disk_errors(f"the LDS plot in {Path(run_dir) / 'plots'}"):
+                path = lds_figure(Path(run_dir) / "plots" / f"lds_{removal}_keep{keep:g}.png",
+                                  res, predicted, measured)
+            log.info("LDS plot written to %s", path)
+    except BaseException:
+        store.lock.release()  # measured models stay stored; the next run resumes from them
+        raise
     store.close()
     return res

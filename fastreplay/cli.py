@@ -203,7 +203,7 @@ def clean(run_dir: Annotated[Path, typer.Argument(help="Run directory to clean."
     """Free disk space: drop checkpoints (scores stay usable) or the whole run directory."""
     setup_logging(log_level)
     from .api import store_path
-    from .store import RunStore
+    from .store import RunDirLock, RunStore
 
     if what not in ("checkpoints", "lds", "all"):
         raise ConfigError(f"--what {what!r}: use checkpoints, lds or all")
@@ -214,16 +214,20 @@ def clean(run_dir: Annotated[Path, typer.Argument(help="Run directory to clean."
         shutil.rmtree(run_dir)
         log.info("removed %s", run_dir)
         return
+    lock = RunDirLock(run_dir)
     store = RunStore.open(path)
+    store.lock = lock
     before = store.nbytes_on_disk()
     if what == "lds":
         store.delete("lds")
         log.info("removed the LDS results from %s", path)
+        store.close()
         return
-    store.delete_checkpoints()
     store.status = "cleaned"
+    store.delete_checkpoints()
     log.info("removed checkpoints from %s (%.1f MB -> %.1f MB); new targets need --force to retrain",
              path, before / 1e6, store.nbytes_on_disk() / 1e6)
+    store.close()
 
 
 @app.command()
@@ -260,12 +264,11 @@ def main() -> None:
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)
-    except Exception as exc:  # click usage errors
-        import click
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # click usage errors (typer bundles its own click)
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort":
             sys.exit(130)
         raise
 

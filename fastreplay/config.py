@@ -283,6 +283,13 @@ def load_config(preset: str = "quick", config_file: Optional[str | os.PathLike] 
     return validate(_build(d))
 
 
+def score_name(cfg: RunConfig) -> str:
+    """Where a run's scores live in its store: the measurement kind, plus the attribution window
+    when there is one (scores of different windows are different quantities)."""
+    kind, start = cfg.measure.kind, cfg.replay.start_step
+    return kind if start == 0 else f"{kind}_from{start}"
+
+
 def config_from_dict(d: dict) -> RunConfig:
     """Rebuild a config saved in a run store (unknown keys are an error, so stores stay honest)."""
     base = RunConfig().to_dict()

@@ -14,7 +14,12 @@ class DataError(FastReplayError):
 
 
 class StoreError(FastReplayError):
-    """The run store is missing, belongs to another config, or is damaged."""
+    """The run store is missing, belongs to another config, is damaged, is locked by another
+    process, or cannot be written (read-only directory, full disk)."""
+
+
+class DiskFullError(StoreError):
+    """The disk filled up while writing the run store; everything committed before stays valid."""
 
 
 class TrainingError(FastReplayError):

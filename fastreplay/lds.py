@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from .distributed import barrier, is_main, shard, world_size
+from .config import score_name
 from .exceptions import ConfigError, StoreError
 from .measure import measure
 from .multitrain import choose_models_per_batch, train_many
@@ -96,9 +98,10 @@ def run_lds(recipe: Recipe, store, models: int, keep: float, targets: Optional[l
     if models < 3:
         raise ConfigError("--models must be >= 3 for a rank correlation")
     kind = recipe.cfg.measure.kind
-    if kind not in store.score_names():
-        raise StoreError(f"{store.path} holds no {kind} scores; run `fastreplay magic` first")
-    all_scores, attrs = store.read_scores(kind)
+    name = score_name(recipe.cfg)
+    if name not in store.score_names():
+        raise StoreError(f"{store.path} holds no {name} scores; run `fastreplay magic` first")
+    all_scores, attrs = store.read_scores(name)
     scored = [int(t) for t in attrs["targets"]]
     targets = targets or scored
     missing = sorted(set(targets) - set(scored))
@@ -108,9 +111,13 @@ def run_lds(recipe: Recipe, store, models: int, keep: float, targets: Optional[l
     scores = all_scores[[scored.index(t) for t in targets]]
     masks = subset_masks(recipe.num_train, models, keep, mask_seed)
     group = f"lds/{removal}_keep{keep:g}"
-    values = store.lds_values(group, masks, scored, {"keep": keep, "removal": removal,
-                                                     "mask_seed": mask_seed, "kind": kind})
-    todo = [j for j in range(models) if np.isnan(values[j]).any()]
+    attrs = {"keep": keep, "removal": removal, "mask_seed": mask_seed, "kind": kind}
+    if is_main():  # rank 0 creates the group; the other ranks open it after the barrier
+        values = store.lds_values(group, masks, scored, attrs)
+    barrier()
+    if not is_main():
+        values = store.lds_values(group, masks, scored, attrs)
+    todo = shard([j for j in range(models) if np.isnan(values[j]).any()])
     t0 = time.perf_counter()
     if todo:
         log.info("LDS: training %d of %d subset models (keep %.3g, %s removal)",
@@ -135,6 +142,11 @@ def run_lds(recipe: Recipe, store, models: int, keep: float, targets: Optional[l
     if todo:
         log.info("LDS: %d models in %.1fs (%.1f models/min, %d per batch)", len(todo), seconds,
                  60 * len(todo) / seconds, per_batch)
+    barrier()  # every rank has written its own rows (one chunk each)
+    if not is_main():
+        return None, None, None
+    if world_size() > 1:
+        values = store.lds_values(group, masks, scored, attrs)
     measured = values[:, [scored.index(t) for t in targets]]
     per_target, mean, ci = lds_statistics(scores, masks, measured)
     result = LdsResult(mean, ci, {"index": targets, "lds": [float(x) for x in per_target]},

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
+from .faults import crash_point
 from .kernels import sgd_step_
 from .progress import log
 from .recipe import Recipe, TrainState
@@ -55,6 +56,7 @@ def train_many(recipe: Recipe, weights: torch.Tensor, num_steps: int | None = No
         state.buffers = new_buffers
         watch.update(losses.sum(), t)
         state.step = t + 1
+        crash_point("retrain_step")
     watch.check()
     return state
 

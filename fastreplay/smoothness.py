@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .config import score_name
 from .exceptions import StoreError
 from .measure import measure
 from .multitrain import train_many
@@ -46,9 +47,10 @@ def check_smoothness(recipe: Recipe, store, keep: float = 0.99, seed: int = 0) -
     from scipy.stats import spearmanr
 
     kind = recipe.cfg.measure.kind
-    if kind not in store.score_names():
-        raise StoreError(f"{store.path} holds no {kind} scores; run `fastreplay magic` first")
-    scores, attrs = store.read_scores(kind)
+    name = score_name(recipe.cfg)
+    if name not in store.score_names():
+        raise StoreError(f"{store.path} holds no {name} scores; run `fastreplay magic` first")
+    scores, attrs = store.read_scores(name)
     targets = [int(t) for t in attrs["targets"]]
     final = load_final(recipe, store)
 

@@ -3,26 +3,314 @@
 Checkpoints are written on a background thread so training only waits when the write queue
 is full; each checkpoint row has a commit marker written last, so a crash never leaves a
 half-written checkpoint that reads as valid.
+
+Crash safety (docs/errors.md): every file is written to a temporary name and renamed into place
+(SafeLocalStore), so a SIGKILL never leaves a torn chunk or metadata file; checkpoint rows, the
+final state and score rows carry crc32 checksums verified on read; scores grow by appending rows
+that count only once the target list (atomic metadata) names them. RunDirLock keeps a second
+process off a run directory.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import fcntl
 import importlib.metadata
 import json
 import os
 import platform
 import queue
+import re
+import shutil
 import threading
+import uuid
+import weakref
+import zlib
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
+from zarr.storage import LocalStore
 
-from .exceptions import StoreError
+from .exceptions import DiskFullError, StoreError
+from .faults import crash_point
 
 _STEP_CHUNK = 256  # schedule rows per chunk
-_SCORE_CHUNK = 16  # score targets per chunk
+_SCORE_CHUNK = 16  # score targets per chunk (stores written before append_scores)
+LOCK_NAME = ".lock"
+_PARTIAL = ".partial"  # suffix of a file being written (zarr's and ours): never a valid key
+_NO_CRC = -1  # checksum slot never written (stores from before checksums)
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def os_error(exc: OSError, what: str) -> Exception:
+    """A one-line StoreError for the OSErrors a user can fix (disk full, no write permission).
+
+    Other OSErrors are returned unchanged (the caller re-raises them).
+    """
+    if exc.errno in _DISK_FULL:
+        return DiskFullError(f"disk full while writing {what}; free space on that disk (e.g. "
+                             "`fastreplay clean OLD_RUN_DIR`) and rerun the same command: the run "
+                             "resumes where it stopped")
+    if exc.errno in _READ_ONLY:
+        return StoreError(f"cannot write {what}: {exc.strerror or exc} (read-only directory?); "
+                          "make it writable (chmod -R u+w) or use another --run-dir")
+    return exc
+
+
+@contextlib.contextmanager
+def disk_errors(what: str):
+    """Turn any OSError raised by the body (writing ``what``) into a one-line StoreError."""
+    try:
+        yield
+    except OSError as exc:
+        err = os_error(exc, what)
+        if err is exc:
+            err = StoreError(f"cannot write {what} ({exc.strerror or exc}); check the path and "
+                             "rerun")
+        raise err from None
+
+
+def _crc(a: np.ndarray) -> int:
+    """crc32 of the exact bytes of ``a`` (C order)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
+
+
+def _write_file(path: Path, data) -> None:
+    """The one place store bytes hit the disk (tests inject ENOSPC here)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
+def _put_atomic(root: Path, key: str, value, exclusive: bool = False) -> None:
+    """Write ``value`` to root/key via a temporary file and a rename: a reader (or a process
+    killed mid-write) sees the old file or the new one, never a torn one."""
+    path = root / key
+    tmp = path.parent / f"{path.name}.{uuid.uuid4().hex}{_PARTIAL}"
+    data = value.as_buffer_like() if hasattr(value, "as_buffer_like") else value.to_bytes()
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_file(tmp, data)
+        except OSError as exc:
+            err = os_error(exc, f"{key} in {root}")
+            if err is exc:
+                raise
+            raise err from None
+        crash_point("store_write")
+        if exclusive:  # like zarr: FileExistsError when the key exists
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+class SafeLocalStore(LocalStore):
+    """zarr's LocalStore with every write atomic (temporary file + rename) on every zarr 3
+    version, one-line errors for a full disk or a read-only directory, and a crash point."""
+
+    async def set(self, key: str, value) -> None:
+        await self._safe_set(key, value, False)
+
+    async def set_if_not_exists(self, key: str, value) -> None:
+        try:
+            await self._safe_set(key, value, True)
+        except FileExistsError:
+            pass
+
+    def set_sync(self, key: str, value) -> None:
+        self._ensure_open_sync()
+        self._check_writable()
+        _put_atomic(self.root, key, value)
+
+    async def _safe_set(self, key: str, value, exclusive: bool) -> None:
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        await asyncio.to_thread(_put_atomic, self.root, key, value, exclusive)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _open_zarr(path: str, mode: str) -> zarr.Group:
+    if not _is_local(path):
+        return zarr.open_group(path, mode=mode)
+    local = path.removeprefix("file://")
+    return zarr.open_group(store=SafeLocalStore(local, read_only=(mode == "r")), mode=mode)
+
+
+def _remove_stale_temp_dirs(final: Path) -> None:
+    """Remove ``.NAME.creating-PID`` / ``.NAME.deleting[.ID]-PID`` dirs of processes that are gone."""
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(creating|deleting)(\.[0-9a-f]+)?-(\d+)$")
+    for d in final.parent.glob(f".{final.name}.*-*"):
+        match = pattern.match(d.name)
+        if match is None:
+            continue
+        pid = match.group(3)
+        try:
+            os.kill(int(pid), 0)
+            if int(pid) != os.getpid():
+                continue  # its process still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _discard_tree(tree: Path, store_root: Path) -> None:
+    """Delete ``tree`` (the store or a node in it) so that a crash midway never leaves it half
+    deleted: rename it beside the store (atomic), then delete the renamed copy."""
+    if not tree.exists():
+        return
+    doomed = store_root.parent / f".{store_root.name}.deleting.{uuid.uuid4().hex[:12]}-{os.getpid()}"
+    with disk_errors(str(tree)):
+        os.rename(tree, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+    _remove_stale_temp_dirs(store_root)
+
+
+def discard_store(path) -> None:
+    """Delete a local store atomically (see _discard_tree); --force uses it."""
+    final = Path(os.fspath(path))
+    _discard_tree(final, final)
+
+
+def remove_partial_files(root) -> int:
+    """Delete the temporary files a killed writer left behind; call only under the run lock."""
+    n = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(_PARTIAL):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(d, f))
+                    n += 1
+    return n
+
+
+def check_writable(directory) -> None:
+    """Raise a one-line StoreError unless a file can be created in ``directory`` (a probe write:
+    permission bits alone do not say it, e.g. for root or a read-only mount)."""
+    probe = os.path.join(os.fspath(directory), f".write-probe-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+        if exc.errno in _READ_ONLY:
+            raise StoreError(f"run directory {directory} is not writable ({exc.strerror}); make it "
+                             f"writable (chmod -R u+w {directory}) or use another --run-dir") from None
+        err = os_error(exc, f"a probe file in {directory}")
+        raise (err if err is not exc else StoreError(
+            f"cannot write in run directory {directory} ({exc.strerror or exc}); "
+            "check the disk or use another --run-dir")) from None
+
+
+# Run-directory locks held by this process: realpath -> [fd, holders]. flock locks conflict
+# between open file descriptions even inside one process, so a process shares one per directory.
+_locks: dict[str, list] = {}
+_locks_guard = threading.Lock()
+
+
+def _acquire_lock(run_dir) -> str:
+    key = os.path.realpath(os.fspath(run_dir))
+    with _locks_guard:
+        if key in _locks:
+            _locks[key][1] += 1
+            return key
+        path = os.path.join(key, LOCK_NAME)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            err = os_error(exc, path)
+            raise (err if err is not exc else StoreError(f"cannot open the lock file {path} "
+                                                         f"({exc.strerror}); check --run-dir")) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            pid = "unknown"
+            with contextlib.suppress(OSError, ValueError):
+                pid = str(int(os.pread(fd, 32, 0).split()[0]))
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreError(f"run directory {run_dir} is in use by another fastreplay process "
+                                 f"(pid {pid}); wait for it or use another --run-dir") from None
+            raise StoreError(f"cannot lock run directory {run_dir} ({exc.strerror}); "
+                             "use a local --run-dir") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)  # closing drops the lock
+            err = os_error(exc, path)
+            raise (err if err is not exc else StoreError(f"cannot write {path} ({exc.strerror})")) from None
+        _locks[key] = [fd, 1]
+        return key
+
+
+def _release_lock(key: str) -> None:
+    with _locks_guard:
+        entry = _locks.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _locks[key]
+            os.close(entry[0])  # releases the flock
+
+
+def _torchrun_follower() -> bool:
+    """True in a torchrun worker other than rank 0 (rank 0 holds the lock for the whole job)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
+    except ValueError:
+        return False
+
+
+def _nothing() -> None:
+    pass
+
+
+class RunDirLock:
+    """Exclusive lock on RUN_DIR/.lock (fcntl.flock) for as long as this object lives.
+
+    Another process asking for it gets a one-line StoreError naming the holder's pid. The kernel
+    drops the lock when the holder dies, even by SIGKILL, so a crash never leaves a stale lock.
+    Re-entrant within one process (holders are counted). In a torchrun job only rank 0 takes it
+    (``owner``); the other ranks work in the same store under rank 0's lock and barriers.
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir = os.fspath(run_dir)
+        self.owner = not _torchrun_follower()
+        if self.owner:
+            key = _acquire_lock(run_dir)
+            self._finalizer = weakref.finalize(self, _release_lock, key)
+        else:
+            self._finalizer = weakref.finalize(self, _nothing)
+
+    def release(self) -> None:
+        self._finalizer()  # runs _release_lock at most once
+
+    @property
+    def held(self) -> bool:
+        return self._finalizer.alive
 
 
 def versions() -> dict:
@@ -106,6 +394,8 @@ class AsyncWriter:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             exc = self._error
+            if isinstance(exc, StoreError):  # already says what is wrong and how to fix it
+                raise type(exc)(str(exc)) from exc
             raise StoreError(f"background write failed ({type(exc).__name__}: {exc}); "
                              "fix the cause (disk full? permissions?) and rerun") from exc
 
@@ -148,25 +438,49 @@ class RunStore:
         self.path = str(path)
         self._group = group
         self._writer = AsyncWriter(writer_maxsize)
+        self.lock: RunDirLock | None = None  # released by close()
 
     @classmethod
-    def create(cls, path, config: dict, fingerprint: str, versions: dict) -> RunStore:
+    def create(cls, path, config: dict, fingerprint: str, versions: dict,
+               attrs: dict | None = None) -> RunStore:
+        """A new store with its identity attrs. Local stores appear atomically: built under a
+        temporary name and renamed, so a crash never leaves a store without its fingerprint."""
         path = os.fspath(path)
         config, versions = _jsonable(config), _jsonable(versions)
         try:
-            json.dumps({"config": config, "versions": versions})
+            json.dumps({"config": config, "versions": versions, "attrs": _jsonable(attrs or {})})
         except (TypeError, ValueError) as exc:
             raise StoreError(f"config/versions are not JSON-serialisable ({exc}); "
                              "pass plain dicts of str/int/float/bool/list") from exc
-        try:
-            group = zarr.open_group(path, mode="w-")
-        except FileExistsError as exc:
-            raise StoreError(f"a run store already exists at {path}; "
-                             "pass --force to overwrite it or choose another --run-dir") from exc
+        exists_msg = (f"a run store already exists at {path}; "
+                      "pass --force to overwrite it or choose another --run-dir")
         now = _now()
-        group.attrs.update({"config": config, "fingerprint": fingerprint, "versions": versions,
-                            "status": "created", "created": now, "updated": now})
-        return cls(path, group)
+        meta = {**_jsonable(attrs or {}), "config": config, "fingerprint": fingerprint,
+                "versions": versions, "status": "created", "created": now, "updated": now}
+        if not _is_local(path):
+            try:
+                group = zarr.open_group(path, mode="w-")
+            except FileExistsError as exc:
+                raise StoreError(exists_msg) from exc
+            group.attrs.update(meta)
+            return cls(path, group)
+        final = Path(path.removeprefix("file://"))
+        if final.exists():
+            raise StoreError(exists_msg)
+        _remove_stale_temp_dirs(final)
+        tmp = final.parent / f".{final.name}.creating-{os.getpid()}"
+        with disk_errors(f"the new run store {path}"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            zarr.open_group(store=SafeLocalStore(tmp), mode="w-").attrs.update(meta)
+            crash_point("store_creating")
+            try:
+                os.rename(tmp, final)  # atomic; fails if `final` appeared meanwhile
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise StoreError(exists_msg) from None
+                raise
+        return cls(path, _open_zarr(path, "r+"))
 
     @classmethod
     def open(cls, path, mode: str = "r+") -> RunStore:
@@ -174,7 +488,9 @@ class RunStore:
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         path = os.fspath(path)
         try:
-            group = zarr.open_group(path, mode=mode)
+            if _is_local(path) and not os.path.isdir(path.removeprefix("file://")):
+                raise FileNotFoundError(path)  # don't let the store create an empty directory
+            group = _open_zarr(path, mode)
         except Exception as exc:  # FileNotFoundError / GroupNotFoundError / array at path
             raise StoreError(f"no run store at {path} ({type(exc).__name__}); "
                              "run `fastreplay train` first or check --run-dir") from exc
@@ -194,13 +510,21 @@ class RunStore:
         self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        try:
+            self._writer.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def __enter__(self) -> RunStore:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._writer.__exit__(exc_type, exc, tb)
+        try:
+            self._writer.__exit__(exc_type, exc, tb)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     @property
     def config(self) -> dict:
@@ -223,12 +547,18 @@ class RunStore:
 
     def set_attr(self, key: str, value) -> None:
         """Store one JSON-able run attribute (e.g. timings) and bump "updated"."""
-        value = _jsonable(value)
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError) as exc:
-            raise StoreError(f"run attribute {key!r} is not JSON-serialisable ({exc}); store plain values") from exc
-        self._group.attrs.update({key: value, "updated": _now()})
+        self.set_attrs({key: value})
+
+    def set_attrs(self, values: dict) -> None:
+        """Store several run attributes in one atomic metadata write (and bump "updated")."""
+        values = {str(k): _jsonable(v) for k, v in values.items()}
+        for key, value in values.items():
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise StoreError(f"run attribute {key!r} is not JSON-serialisable ({exc}); "
+                                 "store plain values") from exc
+        self._group.attrs.update({**values, "updated": _now()})
 
     def _array(self, name: str):
         try:
@@ -237,17 +567,19 @@ class RunStore:
             raise StoreError(f"{self.path} has no '{name}'; the run was not allocated/trained "
                              "this far (or its checkpoints were cleaned): rerun `fastreplay train`") from exc
 
-    def _require(self, name: str, shape: tuple, dtype: str, chunks: tuple, fill=0) -> None:
+    def _require(self, name: str, shape: tuple, dtype: str, chunks: tuple, fill=0) -> bool:
+        """Create array ``name`` unless it exists with this shape and dtype; True if created."""
         if name in self._group:
             arr = self._group[name]
             if arr.shape != shape or arr.dtype != np.dtype(dtype):
                 raise StoreError(f"'{name}' in {self.path} is {arr.shape} {arr.dtype}, expected "
                                  f"{shape} {dtype}; the store belongs to another config: "
                                  "pass --force or choose another --run-dir")
-            return
+            return False
         chunks = tuple(max(1, c) for c in chunks)  # zero-length axes (Q == 0) still need chunk >= 1
         self._group.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
                                  compressors=None, fill_value=fill)
+        return True
 
     def allocate(self, *, num_steps: int, batch_size: int, num_groups: int, num_checkpoints: int,
                  num_params: int, num_buffers: int, dtype: str) -> None:
@@ -259,12 +591,18 @@ class RunStore:
         self._require("schedule/indices", (T, batch_size), "int32", (sc, batch_size))
         self._require("schedule/lr", (T, num_groups), "float64", (sc, num_groups))
         # Per-slot chunks: each slot's step/commit flag is its own (atomically written) file.
+        fresh = "checkpoints/params" not in self._group
         self._require("checkpoints/step", (K,), "int64", (1,), fill=-1)
         self._require("checkpoints/committed", (K,), "bool", (1,), fill=False)
         for name, n in (("params", P), ("momentum", P), ("buffers", Q)):
             self._require(f"checkpoints/{name}", (K, n), dtype, (1, n))
+        # crc32 of each committed row's params, momentum, buffers and step, checked on read.
+        self._require("checkpoints/checksum", (K, 4), "int64", (1, 4), fill=_NO_CRC)
         self._require("final/params", (P,), dtype, (P,))
         self._require("final/buffers", (Q,), dtype, (Q,))
+        self._require("final/checksum", (2,), "int64", (2,), fill=_NO_CRC)
+        if fresh and not self.get_attr("checksums"):
+            self.set_attr("checksums", "crc32")  # every committed row must carry one
 
     def write_schedule(self, indices: np.ndarray, lr: np.ndarray) -> None:
         idx_arr, lr_arr = self._array("schedule/indices"), self._array("schedule/lr")
@@ -280,8 +618,9 @@ class RunStore:
     def read_schedule(self) -> tuple[np.ndarray, np.ndarray]:
         return self._array("schedule/indices")[...], self._array("schedule/lr")[...]
 
-    def _write_row(self, name: str, row, value: np.ndarray) -> None:
-        """Write one flat vector, refusing lossy casts: replay must be bitwise exact."""
+    def _write_row(self, name: str, row, value: np.ndarray) -> int:
+        """Write one flat vector, refusing lossy casts (replay must be bitwise exact); returns
+        the crc32 of the bytes stored."""
         arr = self._array(name)
         value = np.asarray(value).reshape(-1)
         width = arr.shape[-1]
@@ -289,16 +628,26 @@ class RunStore:
             raise StoreError(f"cannot store {value.size} x {value.dtype} into '{name}' "
                              f"({width} x {arr.dtype}); the model/dtype differs from the "
                              "allocated store: pass --force or choose another --run-dir")
-        arr[row] = value.astype(arr.dtype, copy=False)
+        stored = np.ascontiguousarray(value.astype(arr.dtype, copy=False))
+        arr[row] = stored
+        return _crc(stored)
+
+    def _has(self, name: str) -> bool:
+        return name in self._group
 
     def _write_checkpoint_now(self, slot, step, params, momentum, buffers) -> None:
         committed = self._array("checkpoints/committed")
         committed[slot] = False  # an overwrite in progress must not read as the old checkpoint
-        self._write_row("checkpoints/params", slot, params)
-        self._write_row("checkpoints/momentum", slot, momentum)
-        self._write_row("checkpoints/buffers", slot, buffers)
+        crcs = [self._write_row("checkpoints/params", slot, params),
+                self._write_row("checkpoints/momentum", slot, momentum)]
+        crash_point("checkpoint_partial")
+        crcs.append(self._write_row("checkpoints/buffers", slot, buffers))
         self._array("checkpoints/step")[slot] = step
-        committed[slot] = True
+        crcs.append(_crc(np.asarray([step], dtype=np.int64)))
+        if self._has("checkpoints/checksum"):
+            self._array("checkpoints/checksum")[slot] = np.asarray(crcs, dtype=np.int64)
+        committed[slot] = True  # the commit: written last, one small file
+        crash_point("checkpoint_written")
 
     def _check_slot(self, slot: int) -> int:
         k = self._array("checkpoints/committed").shape[0]
@@ -316,27 +665,64 @@ class RunStore:
         steps = self._array("checkpoints/step")[...]
         return np.where(self._array("checkpoints/committed")[...], steps, -1).astype(np.int64)
 
+    def _stored_crcs(self, name: str, index) -> np.ndarray | None:
+        """The stored checksums, or None for a store (or row) written before checksums existed."""
+        if not self._has(name):
+            return None
+        crcs = np.asarray(self._array(name)[index], dtype=np.int64).reshape(-1)
+        if (crcs == _NO_CRC).all() and not self.get_attr("checksums"):
+            return None
+        return crcs
+
+    def _read_verified(self, what: str, names: list[str], index, crc_name: str, fix: str):
+        """Read ``names`` at ``index`` and check them against their stored crc32s."""
+        try:
+            values = [self._array(n)[index] for n in names]
+        except StoreError:
+            raise
+        except Exception as exc:  # a truncated/garbled chunk file fails to decode
+            raise StoreError(f"{what} of {self.path} is unreadable ({type(exc).__name__}: {exc}); "
+                             f"the store is damaged: {fix}") from None
+        crcs = self._stored_crcs(crc_name, index)
+        if crcs is not None:
+            for name, value, want in zip(names, values, crcs):
+                if int(want) == _NO_CRC or _crc(np.asarray(value)) != int(want):
+                    raise StoreError(f"{what} of {self.path} is corrupted ({name} fails its "
+                                     f"checksum): {fix}")
+        return values
+
     def read_checkpoint(self, slot: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         slot = self._check_slot(slot)
         if not bool(self._array("checkpoints/committed")[slot]):
             raise StoreError(f"checkpoint slot {slot} in {self.path} was never fully written "
                              "(training crashed or is still running); rerun or resume `fastreplay train`")
-        step = int(self._array("checkpoints/step")[slot])
-        return (step, self._array("checkpoints/params")[slot], self._array("checkpoints/momentum")[slot],
-                self._array("checkpoints/buffers")[slot])
+        fix = ("rerun training with --force (or use another --run-dir); scores already stored "
+               "stay readable until then")
+        params, momentum, buffers, step = self._read_verified(
+            f"checkpoint slot {slot}",
+            ["checkpoints/params", "checkpoints/momentum", "checkpoints/buffers", "checkpoints/step"],
+            slot, "checkpoints/checksum", fix)
+        return int(step), params, momentum, buffers
 
     def _write_final_now(self, params, buffers) -> None:
-        self._write_row("final/params", slice(None), params)
-        self._write_row("final/buffers", slice(None), buffers)
+        crcs = [self._write_row("final/params", slice(None), params)]
+        crash_point("final_partial")
+        crcs.append(self._write_row("final/buffers", slice(None), buffers))
+        if self._has("final/checksum"):
+            self._array("final/checksum")[...] = np.asarray(crcs, dtype=np.int64)
+        crash_point("final_written")
 
     def write_final(self, params, buffers) -> None:
         self._writer.submit(self._write_final_now, _snapshot(params), _snapshot(buffers))
 
     def read_final(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._array("final/params")[...], self._array("final/buffers")[...]
+        params, buffers = self._read_verified(
+            "the final state", ["final/params", "final/buffers"], slice(None), "final/checksum",
+            "rerun training with --force (or use another --run-dir)")
+        return params, buffers
 
-    def write_scores(self, name: str, scores: np.ndarray, targets: list[int], kind: str,
-                     extra_attrs: dict | None = None) -> None:
+    @staticmethod
+    def _check_scores(name: str, scores, targets, kind: str) -> np.ndarray:
         scores = np.asarray(scores, dtype=np.float64)
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"invalid score name {name!r}: use a plain name without '/'")
@@ -344,15 +730,77 @@ class RunStore:
             raise ValueError(f"kind must be 'loss' or 'margin', got {kind!r}")
         if scores.ndim != 2 or scores.shape[0] != len(targets):
             raise ValueError(f"scores must be len(targets) x N, got {scores.shape} for {len(targets)} targets")
-        attrs = {**_jsonable(extra_attrs or {}), "targets": [int(t) for t in targets], "kind": kind}
-        arr = self._group.create_array(
-            f"scores/{name}", shape=scores.shape, dtype="float64", overwrite=True, attributes=attrs,
-            chunks=(max(1, min(_SCORE_CHUNK, scores.shape[0])), max(1, scores.shape[1])))
-        arr[...] = scores
+        if len(set(int(t) for t in targets)) != len(targets):
+            raise ValueError(f"duplicate targets in {list(targets)}")
+        return scores
+
+    def append_scores(self, name: str, scores: np.ndarray, targets: list[int], kind: str,
+                      extra_attrs: dict | None = None) -> None:
+        """Add the score rows of new ``targets`` to ``scores/<name>``, crash-safely.
+
+        The rows are written past the committed ones first; they only count once the target
+        list (with one crc32 per row) names them, and that list lives in the array's metadata,
+        rewritten atomically (the commit). A crash in between leaves the stored scores exactly as
+        they were: the stray rows are ignored and overwritten by the next append.
+        """
+        scores = self._check_scores(name, scores, targets, kind)
+        targets = [int(t) for t in targets]
+        key, n = f"scores/{name}", scores.shape[1]
+        extra = _jsonable(extra_attrs or {})
+        if key not in self._group:
+            arr = self._group.create_array(
+                key, shape=(0, n), dtype="float64", chunks=(1, max(1, n)), compressors=None,
+                fill_value=np.nan, attributes={**extra, "targets": [], "crc32": [], "kind": kind})
+        else:
+            arr = self._group[key]
+            if arr.shape[1] != n or arr.attrs.get("kind", kind) != kind:
+                raise StoreError(f"{key} in {self.path} holds {arr.attrs.get('kind')} scores over "
+                                 f"{arr.shape[1]} examples, not {kind} over {n}; the store belongs "
+                                 "to another config: pass --force or choose another --run-dir")
+        attrs = dict(arr.attrs)
+        old = [int(t) for t in attrs.get("targets", [])]
+        again = sorted(set(old) & set(targets))
+        if again:
+            raise ValueError(f"targets {again[:5]} are already stored in {key}")
+        old_crcs = [int(c) for c in attrs.get("crc32", [])]
+        old_crcs += [_NO_CRC] * (len(old) - len(old_crcs))  # rows from before checksums
+        r, k = len(old), len(targets)
+        if arr.shape[0] != r + k:
+            arr.resize((r + k, n))
+        arr[r:r + k] = scores
+        crash_point("scores_partial")
+        arr.attrs.update({**extra, "targets": old + targets,
+                          "crc32": old_crcs + [_crc(row) for row in scores]})  # the commit
+
+    def write_scores(self, name: str, scores: np.ndarray, targets: list[int], kind: str,
+                     extra_attrs: dict | None = None) -> None:
+        """Replace ``scores/<name>`` by these rows. Not crash-safe (a crash after the delete loses
+        the old rows): adding targets to stored scores is what append_scores is for."""
+        scores = self._check_scores(name, scores, targets, kind)
+        self.delete(f"scores/{name}")
+        self.append_scores(name, scores, targets, kind, extra_attrs)
 
     def read_scores(self, name: str) -> tuple[np.ndarray, dict]:
+        """(rows sorted by target id, attrs with the sorted "targets"); rows are checked against
+        their stored crc32."""
         arr = self._array(f"scores/{name}")
-        return arr[...], dict(arr.attrs)
+        attrs = dict(arr.attrs)
+        targets = [int(t) for t in attrs.get("targets", [])]
+        fix = (f"delete {self.path}/scores/{name} and rerun `fastreplay magic` to recompute the "
+               "scores (training is reused)")
+        try:
+            rows = arr[:len(targets)]
+        except Exception as exc:
+            raise StoreError(f"scores/{name} of {self.path} are unreadable ({type(exc).__name__}: "
+                             f"{exc}); {fix}") from None
+        crcs = [int(c) for c in attrs.pop("crc32", [])]
+        for t, row, want in zip(targets, rows, crcs):
+            if want != _NO_CRC and _crc(row) != want:
+                raise StoreError(f"scores/{name} of {self.path}: the row of target {t} is corrupted "
+                                 f"(checksum mismatch); {fix}")
+        order = np.argsort(np.asarray(targets, dtype=np.int64), kind="stable")
+        attrs["targets"] = [targets[i] for i in order]
+        return rows[order], attrs
 
     def score_names(self) -> list[str]:
         if "scores" not in self._group:
@@ -367,6 +815,12 @@ class RunStore:
         """
         packed = np.packbits(masks, axis=1)
         m, k = masks.shape[0], len(targets)
+        try:
+            ready = "targets" in self._group[group].attrs
+        except KeyError:
+            ready = False
+        if not ready:
+            self.delete(group)  # a crash interrupted the set-up (its last step): start again
         if f"{group}/masks" in self._group:
             same = (self._group[f"{group}/masks"].shape == packed.shape
                     and np.array_equal(self._group[f"{group}/masks"][...], packed)
@@ -377,14 +831,18 @@ class RunStore:
             return self._group[f"{group}/values"][...]
         self._group.create_array(f"{group}/masks", shape=packed.shape, dtype="uint8",
                                  chunks=(min(256, m), packed.shape[1]))[...] = packed
+        crash_point("lds_init")
         self._group.create_array(f"{group}/values", shape=(m, k), dtype="float64",
                                  chunks=(1, max(1, k)), fill_value=np.nan)
+        # The commit of the set-up: until "targets" is there, the group is redone from scratch.
         self._group[group].attrs.update(_jsonable({**attrs, "targets": list(targets)}))
         return np.full((m, k), np.nan)
 
     def write_lds_row(self, group: str, row: int, values: np.ndarray) -> None:
-        """One model's measurements: one chunk per row, so a crash loses at most that model."""
+        """One model's measurements: one chunk per row (one atomic file write), so a crash loses
+        at most the model being trained; unwritten rows read as NaN and are retrained."""
         self._group[f"{group}/values"][row] = np.asarray(values, dtype=np.float64)
+        crash_point("lds_model")
 
     def write_lds_result(self, group: str, result: dict) -> None:
         self._group[group].attrs.update({"result": _jsonable(result), "updated": _now()})
@@ -393,8 +851,16 @@ class RunStore:
         return sorted(f"lds/{g}" for g in self._group["lds"].group_keys()) if "lds" in self._group else []
 
     def delete(self, name: str) -> None:
-        if name in self._group:
+        """Delete a node; on a local store it disappears at once (renamed away, then removed)."""
+        if _is_local(self.path):
+            root = Path(self.path.removeprefix("file://"))
+            _discard_tree(root / name, root)
+        elif name in self._group:
             del self._group[name]
+
+    def remove_partial_files(self) -> int:
+        """Delete temporary files left by a killed writer (call only under the run lock)."""
+        return remove_partial_files(self.path.removeprefix("file://")) if _is_local(self.path) else 0
 
     def nbytes_on_disk(self) -> int:
         if "://" in self.path and not self.path.startswith("file://"):
@@ -405,8 +871,7 @@ class RunStore:
     def delete_checkpoints(self) -> None:
         """Drop checkpoints/ (the bulk of the store); schedule, final state and scores stay."""
         self._writer.flush()  # a queued write would otherwise recreate chunks after the delete
-        if "checkpoints" in self._group:
-            del self._group["checkpoints"]
+        self.delete("checkpoints")
 
 
 class Prefetcher:

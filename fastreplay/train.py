@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from .exceptions import StoreError, TrainingError
+from .faults import crash_point
+from .measure import accuracy
 from .progress import log, progress_bar
 from .recipe import Recipe, TrainState
 
@@ -36,15 +38,21 @@ class _NanWatch:
 
 
 def run_steps(recipe: Recipe, state: TrainState, weights: torch.Tensor, stop: int,
-              on_step=None, description: str = "train") -> TrainState:
-    """Advance ``state`` to step ``stop``; ``on_step(state)`` runs *before* each step."""
-    watch = _NanWatch(recipe.device)
+              on_step=None, description: str = "train", watch: Optional[_NanWatch] = None
+              ) -> TrainState:
+    """Advance ``state`` to step ``stop``; ``on_step(state)`` runs *before* each step.
+
+    ``watch`` (optional) lets ``on_step`` check for divergence before it stores a state.
+    """
+    watch = watch or _NanWatch(recipe.device)
+    point = f"{description}_step"  # crash point (tests): train_step, rebuild_step, retrain_step
     with progress_bar(description, stop - state.step) as advance:
         while state.step < stop:
             if on_step is not None:
                 on_step(state)
             t = state.step
             watch.update(recipe.step(state, weights), t)
+            crash_point(point)
             advance()
     watch.check()
     return state
@@ -59,7 +67,10 @@ def train(recipe: Recipe, weights: Optional[torch.Tensor] = None) -> TrainState:
 def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
     """Train with w = 1, streaming checkpoints and the final state into ``store``.
 
-    Resumes from the last committed checkpoint when the store holds a partial run.
+    Resumes from the last committed checkpoint when the store holds a partial run (a SIGKILL at
+    any point loses at most the steps since that checkpoint, and the resumed run is bitwise the
+    uninterrupted one: the state is the whole of it). The final state is flushed before the status
+    turns "trained", in one metadata write with the training time and test accuracy.
     Returns the final state and the training wall time in seconds (this call only).
     """
     every = recipe.cfg.replay.checkpoint_every
@@ -70,9 +81,11 @@ def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
                    num_params=m.num_params, num_buffers=m.num_buffers,
                    dtype=recipe.cfg.train.dtype)
     committed = store.checkpoint_steps()
-    done = [int(s) for s in committed if s >= 0]
-    if done:
-        slot = int(np.argmax(committed))
+    prefix = 0  # slots 0..prefix-1 committed: resume from the last of them
+    while prefix < len(committed) and committed[prefix] == steps[prefix]:
+        prefix += 1
+    if prefix:
+        slot = prefix - 1
         step, params, momentum, buffers = store.read_checkpoint(slot)
         to = lambda a: torch.from_numpy(np.asarray(a)).to(recipe.device, recipe.dtype)  # noqa: E731
         state = TrainState(to(params), to(momentum), to(buffers), step)
@@ -83,21 +96,34 @@ def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
     store.status = "training"
     slot_of = {s: i for i, s in enumerate(steps)}
 
+    watch = _NanWatch(recipe.device)
+
     def save(st: TrainState) -> None:
         slot = slot_of.get(st.step)
-        if slot is not None and committed[slot] < 0:
+        if slot is not None and slot >= prefix:
+            watch.check()  # never commit a diverged state (one sync per checkpoint)
             store.write_checkpoint(slot, st.step, st.theta, st.momentum, st.buffers)
 
     if recipe.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    run_steps(recipe, state, recipe.ones(), recipe.num_steps, on_step=save)
+    try:
+        run_steps(recipe, state, recipe.ones(), recipe.num_steps, on_step=save, watch=watch)
+    except TrainingError:
+        store.flush()  # keep the checkpoints before the divergence
+        raise TrainingError(f"training diverged: non-finite loss at step {int(watch.first_bad)} "
+                            f"(train.lr={recipe.cfg.train.lr:g}); lower train.lr or check the data, "
+                            "then rerun with --force or another --run-dir (a new config is a new "
+                            "run)") from None
     store.write_final(state.theta, state.buffers)  # the store copies on submit
     store.flush()
     if recipe.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    store.status = "trained"
+    acc = accuracy(recipe, state.theta, state.buffers)
+    # The commit of the run: final state flushed first, then one atomic metadata write.
+    store.set_attrs({"status": "trained", "train_seconds": seconds, "test_accuracy": acc})
+    crash_point("trained")
     return state, seconds
 
 

@@ -56,3 +56,18 @@ def test_bench_replay_reports_ratios(cli):
     out = cli.json("bench", "replay", "--device", "cpu", "--preset", "test", "--targets", "1,2")
     assert out["replay_step_K2_s"] > 0 and out["train_step_s"] > 0
     assert out["store_bytes"] > 0 and "streaming_slowdown" in out
+
+
+def test_window_scores_are_stored_apart(cli, tmp_path):
+    """Scores of another attribution window are another quantity: never served from the cache."""
+    run_dir = tmp_path / "run"
+    base = ["magic", "--preset", "test", *set_args(SMALL), "--targets", "0", "--run-dir", run_dir,
+            "--no-plots"]
+    cli(*base)
+    out = cli.json(*base, "--set", "replay.start_step=4")
+    assert out["replayed_targets"] == 1
+    store = RunStore.open(store_path(run_dir))
+    assert set(store.score_names()) == {"loss", "loss_from4"}
+    full, _ = store.read_scores("loss")
+    window, _ = store.read_scores("loss_from4")
+    assert not (full == window).all()

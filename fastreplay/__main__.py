@@ -1,0 +1,4 @@
+"""`python -m fastreplay ...` (and `torchrun -m fastreplay ...`) run the CLI."""
+from .cli import main
+
+main()
