@@ -125,6 +125,8 @@ def lds(
         raise ConfigError("--models-per-batch must be >= 0 (0 = pick automatically)")
     res = run_lds_command(run_dir, models, keep, targets, removal, mask_seed, plots,
                           models_per_batch)
+    if res is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     if json_:
         _echo_json(res.to_json())
     else:

@@ -1,0 +1,51 @@
+"""torchrun on CPUs (gloo): 2 ranks split the LDS models and give what 1 process gives."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastreplay.api import run_magic, store_path
+from fastreplay.config import load_config
+from fastreplay.store import RunStore
+
+OVERRIDES = ["data.name=synthetic", "data.num_train=120", "data.num_test=8", "data.image_size=8",
+             "train.epochs=2", "train.batch_size=20", "train.lr=0.05", "train.dtype=float64",
+             "model.name=tiny-cnn", "replay.checkpoint_every=4"]
+
+
+def _lds(run_dir, nproc: int) -> dict:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable])
+    cmd = launcher + ["-m", "fastreplay", "lds", "--run-dir", str(run_dir), "--models", "6",
+                      "--keep", "0.9", "--json", "--no-plots", "--log-level", "WARNING"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # only rank 0 reports
+    return json.loads(lines[0])
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_magic(load_config("test", overrides=OVERRIDES), list(range(4)), one, plots=False)
+    shutil.copytree(one, two)
+    res1, res2 = _lds(one, 1), _lds(two, 2)
+    assert res1["per_target"] == res2["per_target"] and res1["lds_mean"] == res2["lds_mean"]
+    v1 = RunStore.open(store_path(one), mode="r").lds_values("lds/weight_keep0.9", *_design(one))
+    v2 = RunStore.open(store_path(two), mode="r").lds_values("lds/weight_keep0.9", *_design(two))
+    assert np.array_equal(v1, v2) and not np.isnan(v1).any()
+
+
+def _design(run_dir):
+    from fastreplay.lds import subset_masks
+    store = RunStore.open(store_path(run_dir), mode="r")
+    _, attrs = store.read_scores("loss")
+    return subset_masks(120, 6, 0.9, 0), [int(t) for t in attrs["targets"]], {}
