@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig, score_name, to_toml
+from .distributed import barrier, gather_all, gather_to_main, is_main, shard, world_size
 from .exceptions import ConfigError, StoreError
 from .faults import crash_point
 from .measure import measure
@@ -136,21 +137,36 @@ def _merge_scores(store: RunStore, kind: str, targets: list[int], recipe: Recipe
     if missing and store.status == "cleaned":
         raise StoreError(f"the checkpoints of {store.path} were cleaned, so targets {missing[:5]} "
                          "cannot be replayed; rerun with --force to retrain")
+    extra = {"start_step": recipe.cfg.replay.start_step}
     if missing:
         b = recipe.cfg.replay.target_batch
-        for lo in range(0, len(missing), b):
-            chunk = missing[lo:lo + b]
+        mine = shard(missing)  # under torchrun each rank replays its share
+        new: dict[int, np.ndarray] = {}
+        for lo in range(0, len(mine), b):
+            chunk = mine[lo:lo + b]
             res = replay(recipe, store, chunk, kind)
             seconds += res.seconds
             peak = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
                     if recipe.device.type == "cuda" else "")
             log.info("replayed targets %s in %.1fs%s", chunk, res.seconds, peak)
-            have.update({t: res.scores[i] for i, t in enumerate(chunk)})
-            # Only the new rows are written; they count once their target ids are committed,
-            # so a crash here keeps every earlier chunk and loses at most this one.
-            store.append_scores(name, res.scores, chunk, kind,
-                                {"start_step": recipe.cfg.replay.start_step})
+            new.update({t: res.scores[i] for i, t in enumerate(chunk)})
+            if world_size() == 1:
+                # Only the new rows are written; they count once their target ids are
+                # committed, so a crash here keeps every earlier chunk and loses at most this one.
+                store.append_scores(name, res.scores, chunk, kind, extra)
             crash_point("replay_chunk")
+        if world_size() > 1:  # rank 0 collects every rank's rows and commits them
+            parts = gather_to_main(new)
+            if parts is not None:
+                for part in parts:
+                    new.update(part)
+                rows = sorted(new)
+                store.append_scores(name, np.stack([new[t] for t in rows]), rows, kind, extra)
+            barrier()
+            seconds = max(gather_all(seconds))
+        have.update(new)
+        if not is_main():
+            return None, seconds, len(missing)
         log.info("replayed %d target(s) in %.1fs (%.2fs each)", len(missing), seconds,
                  seconds / len(missing))
     else:
@@ -163,7 +179,13 @@ def run_magic(cfg: RunConfig, targets: list[int], run_dir: str | Path, force: bo
               plots: bool = True) -> MagicResult:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    recipe, store = open_or_train(cfg, run_dir, force, download)
+    if is_main():  # rank 0 trains (or reuses) the run; the others wait, then open it
+        recipe, store = open_or_train(cfg, run_dir, force, download)
+    barrier()
+    if not is_main():
+        recipe, store = Recipe(cfg, download=download), RunStore.open(store_path(run_dir))
+        _merge_scores(store, cfg.measure.kind, targets, recipe)
+        return None
     try:
         result = _magic_outputs(recipe, store, cfg, targets, run_dir, scores_out, plots)
     except BaseException:

@@ -52,11 +52,16 @@ def magic(
     from .measure import parse_targets
     from .recipe import Recipe
 
+    from .distributed import init_from_env
+
     cfg = _config(preset, config, set_)
+    cfg.device = init_from_env(cfg.device)  # under torchrun: this rank's device
     num_test = _num_test(cfg, download)
     ids = parse_targets(targets, num_test)
     res = run_magic(cfg, ids, run_dir, force=force, download=download,
                     scores_out=str(scores_out) if scores_out else None, plots=plots)
+    if res is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     out = summary(res)
     if json_:
         _echo_json(out)

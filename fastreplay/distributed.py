@@ -7,6 +7,7 @@ Rank 0 trains and writes summaries and plots; every rank replays or retrains its
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
@@ -34,7 +35,8 @@ def init_from_env(device: str) -> str:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    # Rank 0 may train for a long time while the others wait at the first barrier.
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=12))
     return device
 
 
@@ -54,6 +56,15 @@ def gather_to_main(obj: Any) -> list | None:
         return [obj]
     out = [None] * world_size() if is_main() else None
     dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def gather_all(obj: Any) -> list:
+    """Every rank's ``obj`` on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 

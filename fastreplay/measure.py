@@ -53,16 +53,20 @@ def measurement_grads(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor
     """(values (K,), d phi/d theta (K, P), d phi/d buffers (K, Q)) for each target."""
     theta = theta.detach().requires_grad_(True)
     buffers = buffers.detach().requires_grad_(buffers.numel() > 0)
-    idx = torch.as_tensor(targets, device=recipe.device)
-    logits, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
-    values = measurement_values(logits, recipe.data.test_y[idx], kind)
-    g_theta, g_buf = [], []
     inputs = (theta, buffers) if buffers.requires_grad else (theta,)
-    for k in range(len(targets)):
-        grads = torch.autograd.grad(values[k], inputs, retain_graph=k + 1 < len(targets))
+    values, g_theta, g_buf = [], [], []
+    # One target per forward pass: a target's gradient must not depend on which other targets
+    # share its batch (convolution kernels may block differently by batch size), so that
+    # sharded and batched replays give bitwise the same scores.
+    for t in targets:
+        idx = torch.as_tensor([t], device=recipe.device)
+        logits, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
+        value = measurement_values(logits, recipe.data.test_y[idx], kind)[0]
+        grads = torch.autograd.grad(value, inputs)
+        values.append(value.detach())
         g_theta.append(grads[0])
         g_buf.append(grads[1] if len(grads) > 1 else buffers.new_zeros(0))
-    return values.detach(), torch.stack(g_theta), torch.stack(g_buf)
+    return torch.stack(values), torch.stack(g_theta), torch.stack(g_buf)
 
 
 def accuracy(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor, batch: int = 1000) -> float:

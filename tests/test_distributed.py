@@ -19,11 +19,11 @@ OVERRIDES = ["data.name=synthetic", "data.num_train=120", "data.num_test=8", "da
              "model.name=tiny-cnn", "replay.checkpoint_every=4"]
 
 
-def _lds(run_dir, nproc: int) -> dict:
+def _run(nproc: int, *args) -> dict:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable])
-    cmd = launcher + ["-m", "fastreplay", "lds", "--run-dir", str(run_dir), "--models", "6",
-                      "--keep", "0.9", "--json", "--no-plots", "--log-level", "WARNING"]
+    cmd = launcher + ["-m", "fastreplay", *map(str, args), "--json", "--no-plots",
+                      "--log-level", "WARNING"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,7 +37,9 @@ def test_two_ranks_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_magic(load_config("test", overrides=OVERRIDES), list(range(4)), one, plots=False)
     shutil.copytree(one, two)
-    res1, res2 = _lds(one, 1), _lds(two, 2)
+    lds_args = ("lds", "--run-dir", None, "--models", "6", "--keep", "0.9")
+    res1 = _run(1, *[a if a is not None else one for a in lds_args])
+    res2 = _run(2, *[a if a is not None else two for a in lds_args])
     assert res1["per_target"] == res2["per_target"] and res1["lds_mean"] == res2["lds_mean"]
     v1 = RunStore.open(store_path(one), mode="r").lds_values("lds/weight_keep0.9", *_design(one))
     v2 = RunStore.open(store_path(two), mode="r").lds_values("lds/weight_keep0.9", *_design(two))
@@ -49,3 +51,16 @@ def _design(run_dir):
     store = RunStore.open(store_path(run_dir), mode="r")
     _, attrs = store.read_scores("loss")
     return subset_masks(120, 6, 0.9, 0), [int(t) for t in attrs["targets"]], {}
+
+
+@pytest.mark.slow
+def test_two_rank_replay_equals_one(tmp_path):
+    sets = [x for o in OVERRIDES for x in ("--set", o)]
+    for name, nproc in (("one", 1), ("two", 2)):
+        out = _run(nproc, "magic", "--preset", "test", *sets, "--targets", "0:5",
+                   "--run-dir", tmp_path / name, "--scores-out", tmp_path / f"{name}.npy")
+        assert out["replayed_targets"] == 5
+    one, two = np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy")
+    assert one.shape == (5, 120) and np.array_equal(one, two)
+    stored, attrs = RunStore.open(store_path(tmp_path / "two"), mode="r").read_scores("loss")
+    assert attrs["targets"] == [0, 1, 2, 3, 4] and np.array_equal(stored, two)
