@@ -50,7 +50,6 @@ def magic(
     setup_logging(log_level, log_file)
     from .api import run_magic, summary
     from .measure import parse_targets
-    from .recipe import Recipe
 
     from .distributed import init_from_env
 

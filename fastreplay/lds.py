@@ -75,6 +75,15 @@ def lds_statistics(scores: np.ndarray, masks: np.ndarray, values: np.ndarray,
     return per_target, float(np.nanmean(per_target)), [float(lo), float(hi)]
 
 
+def stored_scores(recipe: Recipe, store) -> tuple[np.ndarray, list[int]]:
+    """The run's scores (targets x N) and their target ids, or a clear error if there are none."""
+    name = score_name(recipe.cfg)
+    if name not in store.score_names():
+        raise StoreError(f"{store.path} holds no {name} scores; run `fastreplay magic` first")
+    scores, attrs = store.read_scores(name)
+    return scores, [int(t) for t in attrs["targets"]]
+
+
 def retrain_subset(recipe: Recipe, mask: np.ndarray, removal: str) -> tuple:
     """Final (theta, buffers) of a retraining on the subset ``mask`` under the same schedule."""
     w = torch.from_numpy(mask.astype(np.float64)).to(recipe.device, recipe.dtype)
@@ -98,11 +107,7 @@ def run_lds(recipe: Recipe, store, models: int, keep: float, targets: Optional[l
     if models < 3:
         raise ConfigError("--models must be >= 3 for a rank correlation")
     kind = recipe.cfg.measure.kind
-    name = score_name(recipe.cfg)
-    if name not in store.score_names():
-        raise StoreError(f"{store.path} holds no {name} scores; run `fastreplay magic` first")
-    all_scores, attrs = store.read_scores(name)
-    scored = [int(t) for t in attrs["targets"]]
+    all_scores, scored = stored_scores(recipe, store)
     targets = targets or scored
     missing = sorted(set(targets) - set(scored))
     if missing:

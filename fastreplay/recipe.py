@@ -99,6 +99,11 @@ class Recipe:
         m = self.model
         return TrainState(m.theta0.clone(), torch.zeros_like(m.theta0), m.buffers0.clone(), 0)
 
+    def tensor(self, array) -> torch.Tensor:
+        """A stored array as a fresh tensor on the device in the run's dtype (never aliasing it:
+        training updates states in place)."""
+        return torch.tensor(np.asarray(array), device=self.device, dtype=self.dtype)
+
     def ones(self) -> torch.Tensor:
         return torch.ones(self.num_train, dtype=self.dtype, device=self.device)
 

@@ -99,7 +99,7 @@ def _segments(checkpoint_steps: list[int], num_steps: int, start_step: int):
 
 def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult:
     """Exact scores d phi_k / d w_i for the targets, from the run held by ``store``."""
-    to = lambda a: torch.tensor(np.asarray(a), device=recipe.device, dtype=recipe.dtype)  # noqa: E731  (a copy)
+    to = recipe.tensor
     stored_backend = store.get_attr("step_backend")
     if stored_backend and stored_backend != recipe.step_backend:
         raise ReplayError(f"the run was trained with the {stored_backend} step kernels but this "

@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .config import score_name
-from .exceptions import StoreError
+from .lds import stored_scores
 from .measure import measure
 from .multitrain import train_many
 from .recipe import Recipe
@@ -47,11 +46,7 @@ def check_smoothness(recipe: Recipe, store, keep: float = 0.99, seed: int = 0) -
     from scipy.stats import spearmanr
 
     kind = recipe.cfg.measure.kind
-    name = score_name(recipe.cfg)
-    if name not in store.score_names():
-        raise StoreError(f"{store.path} holds no {name} scores; run `fastreplay magic` first")
-    scores, attrs = store.read_scores(name)
-    targets = [int(t) for t in attrs["targets"]]
+    scores, targets = stored_scores(recipe, store)
     final = load_final(recipe, store)
 
     again = train(recipe)

@@ -87,7 +87,7 @@ def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
     if prefix:
         slot = prefix - 1
         step, params, momentum, buffers = store.read_checkpoint(slot)
-        to = lambda a: torch.from_numpy(np.asarray(a)).to(recipe.device, recipe.dtype)  # noqa: E731
+        to = recipe.tensor
         state = TrainState(to(params), to(momentum), to(buffers), step)
         log.info("resuming training from the checkpoint at step %d", step)
     else:
@@ -132,5 +132,5 @@ def load_final(recipe: Recipe, store) -> TrainState:
         raise StoreError(f"run store {store.path} holds no finished training run "
                          f"(status {store.status!r}); run `fastreplay magic` to finish it")
     params, buffers = store.read_final()
-    to = lambda a: torch.from_numpy(np.asarray(a)).to(recipe.device, recipe.dtype)  # noqa: E731
-    return TrainState(to(params), torch.zeros_like(to(params)), to(buffers), recipe.num_steps)
+    theta = recipe.tensor(params)
+    return TrainState(theta, torch.zeros_like(theta), recipe.tensor(buffers), recipe.num_steps)

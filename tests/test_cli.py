@@ -1,7 +1,6 @@
 """The everyday commands: show-config, info, clean, bench, and one-line errors."""
 from __future__ import annotations
 
-import json
 import tomllib
 
 from conftest import SMALL, run_module, set_args
