@@ -36,6 +36,8 @@ cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 needs_cuda_kernels = pytest.mark.skipif(not (HAS_CUDA and ops.built_with_cuda()),
                                         reason="needs a CUDA GPU and an extension built with CUDA")
+# Every kernel test runs on the CPU and, where there is a GPU and CUDA kernels, on CUDA too.
+DEVICES = ["cpu", pytest.param("cuda", marks=[cuda, needs_cuda_kernels])]
 
 TOL = {torch.float64: dict(rtol=1e-14, atol=1e-14), torch.float32: dict(rtol=1e-6, atol=1e-6)}
 SIZES = [1, 7, 1023, 100003]
@@ -91,13 +93,16 @@ def test_built_with_cuda_is_bool():
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("n_groups", [1, 2, 3])
 @pytest.mark.parametrize("P", SIZES)
-def test_step_cpu(P, n_groups, nesterov, dtype):
-    check_step(P, n_groups, nesterov, dtype, "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_step(P, n_groups, nesterov, dtype, device):
+    check_step(P, n_groups, nesterov, dtype, device)
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_step_cpu_leading_dims(dtype):
-    check_step(1023, 3, True, dtype, "cpu", shape=(3, 1023))
+@pytest.mark.parametrize("device", DEVICES)
+def test_step_leading_dims(dtype, nesterov, device):
+    check_step(1023, 3, nesterov, dtype, device, shape=(3, 1023))
 
 
 @pytest.mark.parametrize("with_hvp", [False, True])
@@ -106,8 +111,9 @@ def test_step_cpu_leading_dims(dtype):
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("n_groups", [1, 2, 3])
 @pytest.mark.parametrize("P", SIZES)
-def test_adjoint_cpu(P, n_groups, nesterov, dtype, batch, with_hvp):
-    check_adjoint(P, n_groups, nesterov, dtype, "cpu", batch, with_hvp)
+@pytest.mark.parametrize("device", DEVICES)
+def test_adjoint(P, n_groups, nesterov, dtype, batch, with_hvp, device):
+    check_adjoint(P, n_groups, nesterov, dtype, device, batch, with_hvp)
 
 
 def check_step_low_precision(dtype, device, nesterov, P=1023):
@@ -126,8 +132,9 @@ def check_step_low_precision(dtype, device, nesterov, P=1023):
 
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_step_cpu_low_precision(dtype, nesterov):
-    check_step_low_precision(dtype, "cpu", nesterov)
+@pytest.mark.parametrize("device", DEVICES)
+def test_step_low_precision(dtype, nesterov, device):
+    check_step_low_precision(dtype, device, nesterov)
 
 
 def test_empty_and_empty_groups():
@@ -244,43 +251,6 @@ def test_opcheck_adjoint(with_hvp):
 
 
 # --- CUDA ----------------------------------------------------------------------------------
-
-@cuda
-@needs_cuda_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("nesterov", [True, False])
-@pytest.mark.parametrize("n_groups", [1, 2, 3])
-@pytest.mark.parametrize("P", SIZES)
-def test_step_cuda(P, n_groups, nesterov, dtype):
-    check_step(P, n_groups, nesterov, dtype, "cuda")
-
-
-@cuda
-@needs_cuda_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_step_cuda_leading_dims(dtype):
-    check_step(1023, 3, False, dtype, "cuda", shape=(3, 1023))
-
-
-@cuda
-@needs_cuda_kernels
-@pytest.mark.parametrize("with_hvp", [False, True])
-@pytest.mark.parametrize("batch", [(), (3,)], ids=["P", "KxP"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("nesterov", [True, False])
-@pytest.mark.parametrize("n_groups", [1, 2, 3])
-@pytest.mark.parametrize("P", SIZES)
-def test_adjoint_cuda(P, n_groups, nesterov, dtype, batch, with_hvp):
-    check_adjoint(P, n_groups, nesterov, dtype, "cuda", batch, with_hvp)
-
-
-@cuda
-@needs_cuda_kernels
-@pytest.mark.parametrize("nesterov", [True, False])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_step_cuda_low_precision(dtype, nesterov):
-    check_step_low_precision(dtype, "cuda", nesterov)
-
 
 @cuda
 @needs_cuda_kernels
