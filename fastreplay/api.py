@@ -252,7 +252,7 @@ def counterfactual(cfg: RunConfig, weights: np.ndarray, targets: list[int],
 
 
 def open_trained(run_dir: str | Path, download: bool = False,
-                 device: Optional[str] = None) -> tuple[Recipe, RunStore]:
+                 join_torchrun: bool = False) -> tuple[Recipe, RunStore]:
     """The recipe and store of a finished run, rebuilt from the config saved in the store.
 
     Takes the run directory's lock (kept in ``store.lock`` until ``store.close()``).
@@ -268,8 +268,9 @@ def open_trained(run_dir: str | Path, download: bool = False,
         if lock.owner:
             store.remove_partial_files()  # left by a killed writer; we hold the lock
         cfg = config_from_dict(store.config)
-        if device is not None:  # e.g. cuda:LOCAL_RANK under torchrun
-            cfg.device = device
+        if join_torchrun:  # under torchrun this rank works on cuda:LOCAL_RANK (or the CPU)
+            from .distributed import init_from_env
+            cfg.device = init_from_env(cfg.device)
         recipe = Recipe(cfg, download=download)
         load_final(recipe, store)  # refuses unfinished runs with a clear message
     except BaseException:
@@ -282,12 +283,9 @@ def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], r
                     mask_seed: int = 0, plots: bool = True, models_per_batch: int = 0):
     from .lds import run_lds
     from .measure import parse_targets
-    from .config import config_from_dict
-    from .distributed import init_from_env
     from .plots import lds_figure
     # Under torchrun every rank retrains its share of the models (distributed.py).
-    saved = config_from_dict(RunStore.open(store_path(run_dir), mode="r").config).device
-    recipe, store = open_trained(run_dir, device=init_from_env(saved))
+    recipe, store = open_trained(run_dir, join_torchrun=True)
     try:
         ids = parse_targets(targets, recipe.data.num_test) if targets else None
         res, predicted, measured = run_lds(recipe, store, models, keep, ids, removal, mask_seed,

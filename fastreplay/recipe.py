@@ -4,7 +4,6 @@ they run the very same step function on the very same inputs.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,7 +30,7 @@ def resolve_device(name: str) -> torch.device:
 
 def configure_determinism(device: torch.device, tf32: bool) -> None:
     """Bitwise-reproducible steps: the replay recomputes states and must land on the same bits."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # CUBLAS_WORKSPACE_CONFIG is set in fastreplay/__init__.py, before CUDA can initialise.
     torch.use_deterministic_algorithms(True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
