@@ -1,10 +1,11 @@
-"""Times one training step and one replay step (K targets, looped vs vmap-batched) on a recipe.
+"""Times one training step and one replay step per HVP mode (K targets looped) on a recipe.
 
-    python benchmarks/step_probe.py --preset full --set train.epochs=1 --targets 10
+    python benchmarks/step_probe.py --preset full --set train.epochs=1 --targets 5
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -30,19 +31,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="full")
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--targets", type=int, default=10)
+    ap.add_argument("--targets", type=int, default=5)
     a = ap.parse_args()
     cfg = load_config(a.preset, overrides=a.set)
     r = Recipe(cfg)
     st = r.init_state()
     ones = r.ones()
-    out = {"params": r.model.num_params, "device": torch.cuda.get_device_name(0)}
+    out = {"set": a.set, "params": r.model.num_params, "device": torch.cuda.get_device_name(0)}
     out["train_step_s"] = timed(lambda: (r.step(st, ones), setattr(st, "step", 0)))
     K = a.targets
     gb = torch.randn(K, r.model.num_params, device=r.device, dtype=r.dtype)
     bb = torch.randn(K, r.model.num_buffers, device=r.device, dtype=r.dtype)
-    for k in (1, K):
-        out[f"replay_step_K{k}_s"] = timed(lambda: step_vjp(r, st.theta, st.buffers, 0, gb[:k], bb[:k]), reps=3)
+    results = {}
+    for hvp in ("reverse", "forward"):
+        r.cfg = dataclasses.replace(cfg, replay=dataclasses.replace(cfg.replay, hvp=hvp))
+        for k in (1, K):
+            out[f"{hvp}_K{k}_s"] = timed(
+                lambda: step_vjp(r, st.theta, st.buffers, 0, gb[:k], bb[:k]), reps=3)
+        results[hvp] = step_vjp(r, st.theta, st.buffers, 0, gb, bb)
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
+    out["forward_vs_reverse_rel"] = [rel(results["forward"][i], results["reverse"][i]) for i in (0, 1)]
     out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     print(json.dumps(out))
 

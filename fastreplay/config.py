@@ -77,6 +77,9 @@ class TrainConfig:
     """float32 | float64."""
     tf32: bool = False
     """Allow TF32 matmuls/convs on CUDA (faster, still deterministic, not bitwise fp32)."""
+    channels_last: bool = False
+    """Run convolutions in NHWC layout (faster on tensor-core GPUs; changes rounding, so it is
+    part of the run's fingerprint)."""
 
 
 @dataclass
@@ -100,6 +103,9 @@ class ReplayConfig:
     """Optimizer-adjoint implementation: auto | fused | reference."""
     target_batch: int = 16
     """Measurements replayed together in one reverse pass."""
+    hvp: str = "reverse"
+    """How a reverse step gets H v and the weight term: reverse (double backward) or forward
+    (forward-over-reverse, torch.func.jvp). Same values up to rounding; pick by `fastreplay bench`."""
 
 
 @dataclass
@@ -250,6 +256,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(r.tree_arity >= 2, "replay.tree_arity must be >= 2")
     need(r.backend in ("auto", "fused", "reference"), "replay.backend must be auto, fused or reference")
     need(r.target_batch >= 1, "replay.target_batch must be >= 1")
+    need(r.hvp in ("reverse", "forward"), f"replay.hvp={r.hvp!r}: use reverse or forward")
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
          f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
     return cfg

@@ -24,8 +24,8 @@ from .exceptions import ConfigError, StoreError
 from .measure import measure
 from .multitrain import choose_models_per_batch, train_many
 from .progress import log, progress_bar
-from .recipe import Recipe
-from .train import run_steps
+from .recipe import Recipe, TrainState
+from .train import run_steps, window_start
 
 
 @dataclass
@@ -84,10 +84,11 @@ def stored_scores(recipe: Recipe, store) -> tuple[np.ndarray, list[int]]:
     return scores, [int(t) for t in attrs["targets"]]
 
 
-def retrain_subset(recipe: Recipe, mask: np.ndarray, removal: str) -> tuple:
-    """Final (theta, buffers) of a retraining on the subset ``mask`` under the same schedule."""
+def retrain_subset(recipe: Recipe, mask: np.ndarray, removal: str, start: TrainState) -> tuple:
+    """Final (theta, buffers) of a retraining on the subset ``mask`` under the same schedule,
+    from the shared state ``start`` (the run's state where the data weights begin to act)."""
     w = torch.from_numpy(mask.astype(np.float64)).to(recipe.device, recipe.dtype)
-    state = recipe.init_state()
+    state = start.clone()
     if removal == "weight":
         run_steps(recipe, state, w, recipe.num_steps, description="retrain")
     else:
@@ -128,15 +129,17 @@ def run_lds(recipe: Recipe, store, models: int, keep: float, targets: Optional[l
         log.info("LDS: training %d of %d subset models (keep %.3g, %s removal)",
                  len(todo), models, keep, removal)
     per_batch = 1
+    start = window_start(recipe, store) if todo else None
     if todo and removal == "weight":  # drop removal changes batch sizes per model: one at a time
         per_batch = models_per_batch or choose_models_per_batch(recipe, len(todo))
     with progress_bar("LDS models", len(todo)) as advance:
         for lo in range(0, len(todo), per_batch):
             chunk = todo[lo:lo + per_batch]
             if per_batch == 1:
-                finals = [retrain_subset(recipe, masks[chunk[0]], removal)]
+                finals = [retrain_subset(recipe, masks[chunk[0]], removal, start)]
             else:
-                st = train_many(recipe, torch.from_numpy(masks[chunk].astype(np.float64)))
+                st = train_many(recipe, torch.from_numpy(masks[chunk].astype(np.float64)),
+                                start=start)
                 finals = list(zip(st.theta, st.buffers))
             for j, (theta, buffers) in zip(chunk, finals):
                 row = measure(recipe, theta, buffers, scored, kind).cpu().numpy()

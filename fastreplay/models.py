@@ -161,6 +161,7 @@ class FlatModel:
         module = build_module(cfg).to(dtype)
         self.module = module.to(device)
         self.bn_momentum = cfg.model.bn_momentum
+        self.channels_last = cfg.train.channels_last
         named = dict(module.named_parameters())
         decay = [n for n, p in named.items() if p.dim() >= 2]
         no_decay = [n for n, p in named.items() if p.dim() < 2]
@@ -191,6 +192,8 @@ class FlatModel:
         self.module.train(train)
         tensors = self._views(theta, self.param_slots)
         tensors.update(self._views(buffers, self.buffer_slots))
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         logits = functional_call(self.module, tensors, (x,))
         if not train:
             return logits, None

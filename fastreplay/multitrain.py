@@ -33,19 +33,20 @@ def _make_step(recipe: Recipe):
     return vmap(grad(loss_fn, has_aux=True), in_dims=(0, 0, 0, None, None))
 
 
-def train_many(recipe: Recipe, weights: torch.Tensor, num_steps: int | None = None) -> TrainState:
-    """Train len(weights) models (weights: (M, N)); returns a stacked state ((M, P), ...)."""
+def train_many(recipe: Recipe, weights: torch.Tensor, num_steps: int | None = None,
+               start: TrainState | None = None) -> TrainState:
+    """Train len(weights) models (weights: (M, N)) from ``start`` (default: the initialisation);
+    returns a stacked state ((M, P), ...)."""
     m = weights.shape[0]
     weights = weights.to(recipe.device, recipe.dtype)
-    init = recipe.init_state()
-    state = TrainState(init.theta.expand(m, -1).clone(), torch.zeros(m, init.theta.numel(),
-                       dtype=recipe.dtype, device=recipe.device),
-                       init.buffers.expand(m, -1).clone(), 0)
+    init = start or recipe.init_state()
+    state = TrainState(init.theta.expand(m, -1).clone(), init.momentum.expand(m, -1).clone(),
+                       init.buffers.expand(m, -1).clone(), init.step)
     step_fn = _make_step(recipe)
     ones = recipe.ones()
     watch = _NanWatch(recipe.device)
     cfg = recipe.cfg.train
-    for t in range(recipe.num_steps if num_steps is None else num_steps):
+    for t in range(init.step, recipe.num_steps if num_steps is None else num_steps):
         idx = recipe.indices[t]
         x = recipe.data.train_batch(idx, t)
         y = recipe.data.train_y[idx]

@@ -110,6 +110,20 @@ class Recipe:
         """Data weights act only from replay.start_step on; before it every run is identical."""
         return weights if step >= self.cfg.replay.start_step else self.ones()
 
+    def batch_losses(self, theta: torch.Tensor, buffers: torch.Tensor, step: int,
+                     present: Optional[torch.Tensor] = None):
+        """Per-example losses on step's augmented batch (only the ``present`` slots when given)
+        and the updated running statistics."""
+        idx = self.indices[step]
+        x = self.data.train_batch(idx, step)
+        y = self.data.train_y[idx]
+        if present is not None:
+            x, y = x[present], y[present]
+        logits, new_buffers = self.model.forward(theta, buffers, x, train=True)
+        losses = F.cross_entropy(logits, y, reduction="none",
+                                 label_smoothing=self.cfg.train.label_smoothing)
+        return losses, new_buffers
+
     def batch_loss(self, theta: torch.Tensor, buffers: torch.Tensor, step: int,
                    batch_weights: torch.Tensor, present: Optional[torch.Tensor] = None):
         """(1/B) sum_i w_i loss_i on step's augmented batch, and the updated running statistics.
@@ -117,16 +131,11 @@ class Recipe:
         ``present`` (bool, per batch slot) takes examples out of the batch altogether (LDS "drop"
         removal): they skip the forward pass and the loss is averaged over those that remain.
         """
-        idx = self.indices[step]
-        x = self.data.train_batch(idx, step)
-        y = self.data.train_y[idx]
-        denom = idx.shape[0]
+        denom = self.indices.shape[1]
         if present is not None:
-            x, y, batch_weights = x[present], y[present], batch_weights[present]
+            batch_weights = batch_weights[present]
             denom = max(1, int(present.sum()))
-        logits, new_buffers = self.model.forward(theta, buffers, x, train=True)
-        losses = F.cross_entropy(logits, y, reduction="none",
-                                 label_smoothing=self.cfg.train.label_smoothing)
+        losses, new_buffers = self.batch_losses(theta, buffers, step, present)
         return (batch_weights * losses).sum() / denom, new_buffers
 
     def step(self, state: TrainState, weights: torch.Tensor,

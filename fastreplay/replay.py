@@ -6,8 +6,9 @@ next stored state, otherwise the run is not reproducible and exact scores are im
 
 Per reverse step t (adjoints carried for all K measurements):
   1. optimizer adjoint (elementwise, fused when built): g_bar, m_bar, theta_bar += wd * g_bar
-  2. one double-backward at theta_t of Q_k = <grad L_t, g_bar_k> + <b_{t+1}(theta), b_bar_k>:
-     d/dtheta gives H g_bar + rho J^T b_bar, d/dw gives the score increments of the batch.
+  2. at theta_t, for Q_k = <grad L_t, g_bar_k> + <b_{t+1}(theta), b_bar_k>: d/dtheta gives
+     H g_bar + rho J^T b_bar, d/dw the score increments of the batch; computed by a
+     double backward (replay.hvp = reverse) or forward-over-reverse (replay.hvp = forward).
   3. b_bar *= (1 - rho)
 """
 from __future__ import annotations
@@ -36,6 +37,8 @@ class ReplayResult:
 def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, step: int,
              g_bar: torch.Tensor, b_bar: torch.Tensor):
     """(H g_bar + rho J^T b_bar) (K, P) and d<grad L_t, g_bar>/dw for the batch (K, B)."""
+    if recipe.cfg.replay.hvp == "forward":
+        return _step_vjp_forward(recipe, theta_t, buffers_t, step, g_bar, b_bar)
     theta = theta_t.detach().requires_grad_(True)
     w = recipe.ones()[recipe.indices[step]].requires_grad_(True)
     loss, new_buffers = recipe.batch_loss(theta, buffers_t, step, w)
@@ -50,6 +53,34 @@ def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, ste
                                     materialize_grads=True)
         hvps.append(h)
         wgrads.append(wg)
+    return torch.stack(hvps), torch.stack(wgrads)
+
+
+def _step_vjp_forward(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, step: int,
+                      g_bar: torch.Tensor, b_bar: torch.Tensor):
+    """Forward-over-reverse: one jvp of theta -> grad L_t along g_bar.
+
+    The running-statistics term rides along for free: with G(theta, c) = grad_theta [L_t(theta)
+    + <b_{t+1}(theta), c>] taken at c = 0 in direction (g_bar, b_bar), the tangent is exactly
+    H g_bar + rho J^T b_bar (the second-order term in c vanishes at c = 0). The tangents of the
+    per-example losses are <grad loss_i, g_bar>, i.e. B times the weight derivative. One target
+    per jvp, so a target's scores do not depend on which targets share its pass (bitwise equal
+    under sharding).
+    """
+    w = recipe.ones()[recipe.indices[step]]
+    size = w.shape[0]
+
+    def objective(theta, c):
+        losses, new_buffers = recipe.batch_losses(theta, buffers_t, step)
+        return (w * losses).sum() / size + (new_buffers * c).sum(), losses
+
+    grad_fn = torch.func.grad(objective, has_aux=True)
+    c0 = torch.zeros_like(buffers_t)
+    hvps, wgrads = [], []
+    for k in range(g_bar.shape[0]):
+        _, (h, dlosses) = torch.func.jvp(grad_fn, (theta_t.detach(), c0), (g_bar[k], b_bar[k]))
+        hvps.append(h)
+        wgrads.append(dlosses / size)
     return torch.stack(hvps), torch.stack(wgrads)
 
 

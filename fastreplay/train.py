@@ -64,6 +64,24 @@ def train(recipe: Recipe, weights: Optional[torch.Tensor] = None) -> TrainState:
     return run_steps(recipe, recipe.init_state(), w, recipe.num_steps)
 
 
+def window_start(recipe: Recipe, store) -> TrainState:
+    """The scored run's state at replay.start_step, where retrainings for the attribution window
+    begin: every earlier step is shared by all of them, so it is not recomputed M times. Taken
+    from the last stored checkpoint at or before it (stepped on with w = 1), or from the
+    initialisation when the checkpoints were cleaned."""
+    start = recipe.cfg.replay.start_step
+    state = recipe.init_state()
+    if start > 0 and store.status != "cleaned":
+        steps = [int(s) for s in store.checkpoint_steps()]
+        usable = [j for j, s in enumerate(steps) if 0 <= s <= start]
+        if usable:
+            slot = max(usable, key=steps.__getitem__)
+            step, params, momentum, buffers = store.read_checkpoint(slot)
+            state = TrainState(recipe.tensor(params), recipe.tensor(momentum),
+                               recipe.tensor(buffers), int(step))
+    return run_steps(recipe, state, recipe.ones(), start, description="window start")
+
+
 def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
     """Train with w = 1, streaming checkpoints and the final state into ``store``.
 

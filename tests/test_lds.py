@@ -95,3 +95,26 @@ def test_smoothness_passes_on_a_smooth_run_and_can_fail(scored_run):
         assert not bad.passed and bad.score < 0.2
     finally:
         store.write_scores("loss", scores, attrs["targets"], "loss")
+
+
+def test_window_retrainings_start_from_the_stored_run(tmp_path):
+    """With an attribution window, retrainings begin at the stored state at replay.start_step
+    (checkpoint 10, stepped to 12) and land bit for bit where training from scratch would."""
+    import torch
+    from fastreplay.lds import retrain_subset
+    from fastreplay.train import run_steps, train, window_start
+    cfg = load_config("test", overrides=OVERRIDES + ["replay.start_step=12"])
+    run_magic(cfg, [0, 1, 2, 3], tmp_path, plots=False)
+    recipe, store = open_or_train(cfg, tmp_path)
+    start = window_start(recipe, store)
+    scratch = run_steps(recipe, recipe.init_state(), recipe.ones(), 12)
+    assert start.step == 12
+    for a, b in ((start.theta, scratch.theta), (start.momentum, scratch.momentum),
+                 (start.buffers, scratch.buffers)):
+        assert torch.equal(a, b)
+    mask = subset_masks(recipe.num_train, 1, 0.9, 3)[0]
+    theta, buffers = retrain_subset(recipe, mask, "weight", start)
+    full = train(recipe, torch.from_numpy(mask.astype(np.float64)))  # weights act from step 12
+    assert torch.equal(theta, full.theta) and torch.equal(buffers, full.buffers)
+    res, _, _ = run_lds(recipe, store, models=8, keep=0.95, targets=None, models_per_batch=4)
+    assert res.lds_mean >= 0.95, res

@@ -20,11 +20,12 @@ def _cfg(*extra):
 
 
 @pytest.mark.parametrize("model", ["tiny-cnn", "mlp"])
-@pytest.mark.parametrize("backend", ["reference", "fused"])
-def test_replay_equals_unrolled_oracle(model, backend, tmp_path):
+@pytest.mark.parametrize("backend,hvp", [("reference", "reverse"), ("fused", "reverse"),
+                                         ("fused", "forward")])
+def test_replay_equals_unrolled_oracle(model, backend, hvp, tmp_path):
     if backend == "fused" and not kernels.extension_loaded():
         pytest.skip(f"compiled extension not loaded: {kernels.extension_error()}")
-    cfg = _cfg(f"model.name={model}", f"replay.backend={backend}")
+    cfg = _cfg(f"model.name={model}", f"replay.backend={backend}", f"replay.hvp={hvp}")
     recipe, store = open_or_train(cfg, tmp_path)
     targets = [0, 2, 5]
     fast = replay(recipe, store, targets, "loss").scores

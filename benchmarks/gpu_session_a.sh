@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device call (one GPU): replay-step probes (HVP mode x precision x layout), then the full
+# recipe at 16 epochs attributed over its last epoch: 10 measurements, smoothness, a 20-model LDS.
+# Everything printed goes to $OUT/results.txt, the logs to $OUT/all.log.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+R=$OUT/results.txt; L=$OUT/all.log
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a $R
+for s in "" "--set train.channels_last=true" "--set train.tf32=true" \
+         "--set train.tf32=true --set train.channels_last=true"; do
+  timeout 90 python benchmarks/step_probe.py --preset full --set train.epochs=1 $s --targets 5 2>>$L | tee -a $R
+done
+# The faster of TF32 NCHW / NHWC and of reverse / forward HVP, by replay step K=1 + train step.
+CHOICE=$(python - "$R" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+rows = [r for r in rows if "train.tf32=true" in r["set"]]
+best = min(((r["train_step_s"] + r[f"{h}_K1_s"], r, h) for r in rows for h in ("reverse", "forward")),
+           key=lambda x: x[0])
+print(" ".join(f"--set {s}" for s in best[1]["set"]), f"--set replay.hvp={best[2]}")
+PY
+)
+echo "chosen: $CHOICE" | tee -a $R
+RUN=runs/e16
+S="--preset full --set train.epochs=16 --set replay.start_step=1455 --set replay.target_batch=10 $CHOICE"
+timeout 240 python -m fastreplay.cli magic $S --targets 0:10 --run-dir $RUN --json --log-file $L | tee -a $R
+du -sh $RUN/run.zarr | tee -a $R
+cp $RUN/plots/target_00002.png $OUT/ 2>/dev/null
+timeout 90 python -m fastreplay.cli smoothness --run-dir $RUN --json --log-file $L | tee -a $R
+timeout 150 python -m fastreplay.cli lds --run-dir $RUN --models 20 --keep 0.99 --json --log-file $L | tee -a $R
+cp $RUN/plots/lds_weight_keep0.99.png $OUT/ 2>/dev/null
