@@ -22,7 +22,8 @@ from .measure import measure
 from .progress import log
 from .recipe import Recipe
 from .replay import replay
-from .store import RunDirLock, RunStore, check_writable, discard_store, disk_errors, versions
+from .store import (RunDirLock, RunStore, check_remote, check_writable, discard_store,
+                    disk_errors, is_remote, versions)
 from .train import load_final, train, train_into_store
 
 STORE_NAME = "run.zarr"
@@ -41,10 +42,21 @@ class MagicResult:
     peak_gpu_bytes: Optional[int]
     plots: list[str] = field(default_factory=list)
     run_dir: str = ""
+    store: str = ""
 
 
 def store_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / STORE_NAME
+
+
+def store_location(run_dir: str | Path, store_url: str | None = None) -> str:
+    """Where a run's Zarr group lives: ``store_url`` when given (a local path or an fsspec URL
+    such as ``s3://bucket/run.zarr``), else RUN_DIR/run.zarr. The run directory itself (lock,
+    config.toml, plots, summaries) is always local."""
+    if not store_url:
+        return str(store_path(run_dir))
+    store_url = str(store_url)
+    return store_url if is_remote(store_url) else str(Path(store_url).expanduser())
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -60,9 +72,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             raise
 
 
-def lock_run_dir(run_dir: str | Path, create: bool = True) -> RunDirLock:
+def lock_run_dir(run_dir: str | Path, create: bool = True,
+                 store: str | None = None) -> RunDirLock:
     """Make sure ``run_dir`` exists and is writable, then take its exclusive lock (held until the
-    store is closed or the process ends, however it ends)."""
+    store is closed or the process ends, however it ends). ``store`` (default RUN_DIR/run.zarr)
+    is checked too: writable if local, reachable with its bucket and writable if remote."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise StoreError(f"--run-dir {run_dir} is a file, not a directory; choose a directory")
@@ -72,8 +86,10 @@ def lock_run_dir(run_dir: str | Path, create: bool = True) -> RunDirLock:
     check_writable(run_dir)
     lock = RunDirLock(run_dir)
     try:
-        path = store_path(run_dir)
-        if path.is_dir():
+        path = store or str(store_path(run_dir))
+        if is_remote(path):
+            check_remote(path, write=True)
+        elif Path(path).is_dir():
             check_writable(path)
         if lock.owner:
             for tmp in run_dir.glob(".*.tmp"):  # left by a write_text_atomic that was killed
@@ -85,19 +101,19 @@ def lock_run_dir(run_dir: str | Path, create: bool = True) -> RunDirLock:
 
 
 def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
-                  download: bool = False) -> tuple[Recipe, RunStore]:
+                  download: bool = False, store_url: str | None = None) -> tuple[Recipe, RunStore]:
     """A store holding a finished run of ``cfg``: reused when present, else trained (or resumed).
 
-    Takes the run directory's lock (another fastreplay process on it is refused) and keeps it
-    in ``store.lock`` until ``store.close()``.
+    The store lives at ``store_url`` (see store_location; default RUN_DIR/run.zarr). Takes the
+    run directory's lock (another fastreplay process on it is refused) and keeps it in
+    ``store.lock`` until ``store.close()``.
     """
-    path = store_path(run_dir)
+    path = store_location(run_dir, store_url)
     recipe = Recipe(cfg, download=download)
-    lock = lock_run_dir(run_dir)
+    lock = lock_run_dir(run_dir, store=path)
     try:
-        if force and path.exists():
-            log.info("--force: removing the existing run store %s", path)
-            discard_store(path)
+        if force and discard_store(path):
+            log.info("--force: removed the existing run store %s", path)
         if RunStore.exists(path):
             store = RunStore.open(path)
             store.lock = lock
@@ -176,14 +192,15 @@ def _merge_scores(store: RunStore, kind: str, targets: list[int], recipe: Recipe
 
 def run_magic(cfg: RunConfig, targets: list[int], run_dir: str | Path, force: bool = False,
               download: bool = False, scores_out: Optional[str] = None,
-              plots: bool = True) -> MagicResult:
+              plots: bool = True, store_url: str | None = None) -> MagicResult:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if is_main():  # rank 0 trains (or reuses) the run; the others wait, then open it
-        recipe, store = open_or_train(cfg, run_dir, force, download)
+        recipe, store = open_or_train(cfg, run_dir, force, download, store_url)
     barrier()
     if not is_main():
-        recipe, store = Recipe(cfg, download=download), RunStore.open(store_path(run_dir))
+        recipe = Recipe(cfg, download=download)
+        store = RunStore.open(store_location(run_dir, store_url))
         _merge_scores(store, cfg.measure.kind, targets, recipe)
         return None
     try:
@@ -205,7 +222,7 @@ def _magic_outputs(recipe: Recipe, store: RunStore, cfg: RunConfig, targets: lis
     result = MagicResult(targets, scores, values, float(store.get_attr("test_accuracy", float("nan"))),
                          store.get_attr("train_seconds"), seconds, replayed, store.nbytes_on_disk(),
                          torch.cuda.max_memory_allocated() if recipe.device.type == "cuda" else None,
-                         run_dir=str(run_dir))
+                         run_dir=str(run_dir), store=store.path)
     if scores_out:
         with disk_errors(str(scores_out)):
             np.save(scores_out, scores)
@@ -231,7 +248,7 @@ def summary(res: MagicResult) -> dict:
             "replayed_targets": res.replayed,
             "replay_seconds_per_target": res.replay_seconds / max(1, res.replayed),
             "store_bytes": res.store_bytes, "peak_gpu_bytes": res.peak_gpu_bytes,
-            "run_dir": res.run_dir, "plots": res.plots}
+            "run_dir": res.run_dir, "store": res.store, "plots": res.plots}
 
 
 def counterfactual(cfg: RunConfig, weights: np.ndarray, targets: list[int],
@@ -251,17 +268,19 @@ def counterfactual(cfg: RunConfig, weights: np.ndarray, targets: list[int],
     return measure(recipe, state.theta, state.buffers, targets, cfg.measure.kind).cpu().numpy()
 
 
-def open_trained(run_dir: str | Path, download: bool = False,
-                 join_torchrun: bool = False) -> tuple[Recipe, RunStore]:
-    """The recipe and store of a finished run, rebuilt from the config saved in the store.
+def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: bool = False,
+                 store_url: str | None = None) -> tuple[Recipe, RunStore]:
+    """The recipe and store of a finished run, rebuilt from the config saved in the store
+    (at ``store_url``, default RUN_DIR/run.zarr).
 
     Takes the run directory's lock (kept in ``store.lock`` until ``store.close()``).
     """
     from .config import config_from_dict
-    path = store_path(run_dir)
+    path = store_location(run_dir, store_url)
     if not RunStore.exists(path):
         RunStore.open(path).close()  # raises the "no run store" StoreError
-    lock = lock_run_dir(run_dir, create=False)
+    # With a remote store the local run directory (lock, plots) may not exist yet.
+    lock = lock_run_dir(run_dir, create=is_remote(path), store=path)
     try:
         store = RunStore.open(path)
         store.lock = lock
@@ -280,12 +299,13 @@ def open_trained(run_dir: str | Path, download: bool = False,
 
 
 def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], removal: str,
-                    mask_seed: int = 0, plots: bool = True, models_per_batch: int = 0):
+                    mask_seed: int = 0, plots: bool = True, models_per_batch: int = 0,
+                    store_url: str | None = None):
     from .lds import run_lds
     from .measure import parse_targets
     from .plots import lds_figure
     # Under torchrun every rank retrains its share of the models (distributed.py).
-    recipe, store = open_trained(run_dir, join_torchrun=True)
+    recipe, store = open_trained(run_dir, join_torchrun=True, store_url=store_url)
     try:
         ids = parse_targets(targets, recipe.data.num_test) if targets else None
         res, predicted, measured = run_lds(recipe, store, models, keep, ids, removal, mask_seed,

@@ -25,6 +25,11 @@ LogLevel = Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")]
 LogFile = Annotated[Optional[Path], typer.Option(help="Also write the log to this file.")]
 Download = Annotated[bool, typer.Option(help="Download CIFAR-10 if it is missing.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+Store = Annotated[Optional[str], typer.Option(
+    "--store", help="Where the run's Zarr group lives: a path or an fsspec URL such as "
+    "s3://bucket/run.zarr (needs s3fs; endpoint and credentials from AWS_ENDPOINT_URL, "
+    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE). Default RUN_DIR/run.zarr; the run "
+    "directory stays local (lock, config.toml, plots, summaries).")]
 
 
 def _config(preset: str, config: Optional[Path], sets: Optional[List[str]]):
@@ -41,9 +46,9 @@ def magic(
     run_dir: Annotated[Path, typer.Option(help="Run directory (holds run.zarr, plots/, config.toml).")],
     preset: Preset = "quick", config: ConfigFile = None, set_: Sets = None,
     scores_out: Annotated[Optional[Path], typer.Option(help="Also save the scores (targets x N) as .npy.")] = None,
-    force: Annotated[bool, typer.Option(help="Discard an existing run store in --run-dir.")] = False,
+    force: Annotated[bool, typer.Option(help="Discard an existing run store in --run-dir (or at --store).")] = False,
     plots: Annotated[bool, typer.Option(help="Save a PNG per target.")] = True,
-    download: Download = False, json_: Json = False,
+    store: Store = None, download: Download = False, json_: Json = False,
     log_level: LogLevel = "INFO", log_file: LogFile = None,
 ):
     """Train (or reuse the stored run), replay it backwards, store and plot exact scores."""
@@ -58,7 +63,8 @@ def magic(
     num_test = _num_test(cfg, download)
     ids = parse_targets(targets, num_test)
     res = run_magic(cfg, ids, run_dir, force=force, download=download,
-                    scores_out=str(scores_out) if scores_out else None, plots=plots)
+                    scores_out=str(scores_out) if scores_out else None, plots=plots,
+                    store_url=store)
     if res is None:  # a torchrun rank other than 0: rank 0 reports
         return
     out = summary(res)
@@ -119,7 +125,7 @@ def lds(
     mask_seed: Annotated[int, typer.Option(help="Seed of the subset draws.")] = 0,
     models_per_batch: Annotated[int, typer.Option(help="Models trained at once (0 = measure and pick).")] = 0,
     plots: Annotated[bool, typer.Option(help="Save the scatter and histogram PNGs.")] = True,
-    json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
+    store: Store = None, json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
 ):
     """Validate the stored scores by retraining on random subsets (linear datamodeling score)."""
     setup_logging(log_level, log_file)
@@ -128,7 +134,7 @@ def lds(
     if models_per_batch < 0:
         raise ConfigError("--models-per-batch must be >= 0 (0 = pick automatically)")
     res = run_lds_command(run_dir, models, keep, targets, removal, mask_seed, plots,
-                          models_per_batch)
+                          models_per_batch, store_url=store)
     if res is None:  # a torchrun rank other than 0: rank 0 reports
         return
     if json_:
@@ -171,7 +177,7 @@ def smoothness(
     run_dir: Annotated[Path, typer.Option(help="Run directory of a `fastreplay magic` run.")],
     keep: Annotated[float, typer.Option(help="Fraction kept by the probe direction (as in LDS).")] = 0.99,
     seed: Annotated[int, typer.Option(help="Seed of the removed set.")] = 0,
-    json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
+    store: Store = None, json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
 ):
     """Cheap predictability check of a recipe: determinism and linearity along one LDS-like direction."""
     setup_logging(log_level, log_file)
@@ -180,8 +186,8 @@ def smoothness(
 
     if not 0 < keep < 1:
         raise ConfigError(f"--keep {keep}: use a fraction in (0, 1), e.g. 0.99")
-    recipe, store = open_trained(run_dir)
-    rep = check_smoothness(recipe, store, keep, seed)
+    recipe, run_store = open_trained(run_dir, store_url=store)
+    rep = check_smoothness(recipe, run_store, keep, seed)
     if json_:
         _echo_json(rep.to_json())
     else:
@@ -205,35 +211,43 @@ def show_config(preset: Preset = "quick", config: ConfigFile = None, set_: Sets 
 @app.command()
 def clean(run_dir: Annotated[Path, typer.Argument(help="Run directory to clean.")],
           what: Annotated[str, typer.Option(help="checkpoints (keep scores and final state), lds or all.")] = "checkpoints",
-          log_level: LogLevel = "INFO"):
-    """Free disk space: drop checkpoints (scores stay usable) or the whole run directory."""
+          store: Store = None, log_level: LogLevel = "INFO"):
+    """Free disk space: drop checkpoints (scores stay usable) or the whole run directory
+    (and its --store)."""
     setup_logging(log_level)
-    from .api import store_path
-    from .store import RunDirLock, RunStore
+    from .api import lock_run_dir, store_location, store_path
+    from .store import RunStore, discard_store
 
     if what not in ("checkpoints", "lds", "all"):
         raise ConfigError(f"--what {what!r}: use checkpoints, lds or all")
-    path = store_path(run_dir)
+    path = store_location(run_dir, store)
     if not RunStore.exists(path):
         raise ConfigError(f"{run_dir} holds no run store ({path} missing)")
-    if what == "all":
-        shutil.rmtree(run_dir)
-        log.info("removed %s", run_dir)
-        return
-    lock = RunDirLock(run_dir)
-    store = RunStore.open(path)
-    store.lock = lock
-    before = store.nbytes_on_disk()
-    if what == "lds":
-        store.delete("lds")
-        log.info("removed the LDS results from %s", path)
-        store.close()
-        return
-    store.status = "cleaned"
-    store.delete_checkpoints()
-    log.info("removed checkpoints from %s (%.1f MB -> %.1f MB); new targets need --force to retrain",
-             path, before / 1e6, store.nbytes_on_disk() / 1e6)
-    store.close()
+    elsewhere = path != str(store_path(run_dir))  # --store: not inside the run directory
+    lock = lock_run_dir(run_dir, create=elsewhere, store=path)
+    try:
+        if what == "all":
+            if elsewhere:
+                discard_store(path)
+                log.info("removed %s", path)
+            lock.release()
+            shutil.rmtree(run_dir)
+            log.info("removed %s", run_dir)
+            return
+        run_store = RunStore.open(path)
+        run_store.lock = lock
+        before = run_store.nbytes_on_disk()
+        if what == "lds":
+            run_store.delete("lds")
+            log.info("removed the LDS results from %s", path)
+        else:
+            run_store.status = "cleaned"
+            run_store.delete_checkpoints()
+            log.info("removed checkpoints from %s (%.1f MB -> %.1f MB); new targets need --force "
+                     "to retrain", path, before / 1e6, run_store.nbytes_on_disk() / 1e6)
+        run_store.close()
+    finally:
+        lock.release()  # idempotent; already released on success
 
 
 @app.command()

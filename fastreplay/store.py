@@ -9,6 +9,13 @@ Crash safety (docs/errors.md): every file is written to a temporary name and ren
 final state and score rows carry crc32 checksums verified on read; scores grow by appending rows
 that count only once the target list (atomic metadata) names them. RunDirLock keeps a second
 process off a run directory.
+
+Remote stores (an fsspec URL such as s3://bucket/run.zarr, through zarr's FsspecStore): every
+object write is atomic on the object store itself, so there are no temporary files or
+renames; the store is created by one write of its zarr.json (identity attrs included), and
+--force deletes exactly its prefix, only when it holds a fastreplay run store, root metadata
+last. Deleting a node (clean, --force) is not atomic there: a crash midway leaves part of it
+(rerun the command). The lock stays on the local run directory.
 """
 
 from __future__ import annotations
@@ -143,9 +150,100 @@ def _is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
+def is_remote(path) -> bool:
+    """True for an fsspec URL such as ``s3://bucket/run.zarr`` (``file://`` counts as local)."""
+    return not _is_local(os.fspath(path))
+
+
+# Remote stores: fsspec filesystems (s3fs for s3://) configured by their usual environment
+# (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, AWS_DEFAULT_REGION for
+# S3). Listings are not cached: this process deletes and recreates groups (--force, clean) and
+# a stale listing would hide that.
+_REMOTE_OPTIONS = {"use_listings_cache": False}
+# Packages whose exceptions mean "the remote store cannot be reached or used" (network, endpoint,
+# credentials), as opposed to a bug here; OSErrors always count.
+_REMOTE_ERROR_MODULES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "google",
+                         "adlfs", "azure", "requests", "urllib3"}
+
+
+def _remote_fs(url: str):
+    """(fsspec filesystem, path inside it) of a remote store URL; a one-line StoreError when the
+    protocol is unknown or its driver (s3fs for s3://) is not installed."""
+    try:
+        from fsspec.core import url_to_fs
+        return url_to_fs(url, **_REMOTE_OPTIONS)
+    except ImportError as exc:
+        raise StoreError(f"cannot open {url}: {exc}; install the fsspec driver of that protocol "
+                         "(`pip install s3fs` for s3://) or use a local --store") from None
+    except ValueError as exc:
+        raise StoreError(f"cannot open {url} ({exc}); use a local path or an fsspec URL such as "
+                         "s3://bucket/run.zarr") from None
+
+
+@contextlib.contextmanager
+def remote_errors(url: str):
+    """Turn a failure to reach or use the remote store at ``url`` into a one-line StoreError.
+
+    FileNotFoundError passes through (callers decide what missing means); so do errors that are
+    not about the remote side (they are bugs, and keep their traceback).
+    """
+    try:
+        yield
+    except (StoreError, FileNotFoundError):
+        raise
+    except PermissionError as exc:
+        raise StoreError(f"access to {url} denied ({_first_line(exc)}); check the credentials "
+                         "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the "
+                         "bucket's permissions") from None
+    except Exception as exc:
+        if not (isinstance(exc, OSError)
+                or type(exc).__module__.split(".")[0] in _REMOTE_ERROR_MODULES):
+            raise
+        raise StoreError(f"cannot reach the store {url} ({type(exc).__name__}: {_first_line(exc)}); "
+                         "check AWS_ENDPOINT_URL, the network and the credentials "
+                         "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE), then rerun") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def check_remote(url: str, write: bool = False):
+    """(filesystem, path) of a remote store after checking that its location is usable: the
+    driver is installed, the endpoint answers, the bucket exists and (``write``) accepts a probe
+    object written beside the store and deleted again. Raises a one-line StoreError otherwise."""
+    fs, path = _remote_fs(url)
+    path = path.rstrip("/")
+    split = getattr(fs, "split_path", None)  # object stores (s3fs, gcsfs, adlfs): bucket, key, ...
+    bucket, key = split(path)[:2] if split else ("", path)
+    if not key:
+        raise StoreError(f"store {url} names a bucket, not a location inside it; use e.g. "
+                         f"{url.rstrip('/')}/run.zarr")
+    with remote_errors(url):
+        if bucket:
+            try:
+                fs.info(bucket)
+            except FileNotFoundError:
+                raise StoreError(f"bucket {bucket!r} of {url} does not exist (or is not visible "
+                                 "with these credentials); create it or fix --store") from None
+        if write:
+            parent, _, name = path.rpartition("/")
+            probe = f"{parent}/.{name}.write-probe-{os.getpid()}"
+            try:
+                fs.pipe_file(probe, b"x")
+            finally:
+                with contextlib.suppress(Exception):
+                    fs.rm_file(probe)
+    return fs, path
+
+
 def _open_zarr(path: str, mode: str) -> zarr.Group:
     if not _is_local(path):
-        return zarr.open_group(path, mode=mode)
+        from zarr.storage import FsspecStore
+        store = FsspecStore.from_url(path, storage_options=dict(_REMOTE_OPTIONS),
+                                     read_only=(mode == "r"))
+        return zarr.open_group(store=store, mode=mode)
     local = path.removeprefix("file://")
     return zarr.open_group(store=SafeLocalStore(local, read_only=(mode == "r")), mode=mode)
 
@@ -181,10 +279,49 @@ def _discard_tree(tree: Path, store_root: Path) -> None:
     _remove_stale_temp_dirs(store_root)
 
 
-def discard_store(path) -> None:
-    """Delete a local store atomically (see _discard_tree); --force uses it."""
-    final = Path(os.fspath(path))
+def discard_store(path) -> bool:
+    """Delete a store; --force and `clean --what all` use it. Returns whether there was one.
+
+    A local store goes atomically (see _discard_tree). A remote one is deleted object by object
+    (exactly the objects under its prefix, its root zarr.json last), and only when it is a
+    fastreplay run store: anything else at that URL is refused with a StoreError and left alone.
+    """
+    path = os.fspath(path)
+    if is_remote(path):
+        return _discard_remote(path)
+    final = Path(path.removeprefix("file://"))
+    if not final.exists():
+        return False
     _discard_tree(final, final)
+    return True
+
+
+def _discard_remote(url: str) -> bool:
+    fs, path = check_remote(url)
+    with remote_errors(url):
+        try:
+            meta = json.loads(fs.cat_file(f"{path}/zarr.json"))
+        except FileNotFoundError:
+            if fs.exists(path):
+                raise StoreError(f"{url} holds data that is not a Zarr group; refusing to delete "
+                                 "it: choose another --store") from None
+            return False
+        except ValueError:
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+        attrs = meta.get("attributes") if isinstance(meta.get("attributes"), dict) else {}
+        if meta.get("node_type") != "group" or "fingerprint" not in attrs or "config" not in attrs:
+            raise StoreError(f"{url} is not a fastreplay run store; refusing to delete it: "
+                             "choose another --store")
+        # Exactly the objects under PREFIX/ (never a sibling such as PREFIX2/), the root
+        # metadata last: a crash midway leaves a store that the next --force still recognises.
+        root = f"{path}/zarr.json"
+        doomed = [f for f in fs.find(path) if f.startswith(f"{path}/") and f != root]
+        if doomed:
+            fs.rm(doomed)
+        fs.rm_file(root)
+        fs.invalidate_cache(path)
+    return True
 
 
 def remove_partial_files(root) -> int:
@@ -458,11 +595,16 @@ class RunStore:
         meta = {**_jsonable(attrs or {}), "config": config, "fingerprint": fingerprint,
                 "versions": versions, "status": "created", "created": now, "updated": now}
         if not _is_local(path):
-            try:
-                group = zarr.open_group(path, mode="w-")
-            except FileExistsError as exc:
-                raise StoreError(exists_msg) from exc
-            group.attrs.update(meta)
+            # One object write (zarr.json with the identity attrs) makes the group: it never
+            # exists without its fingerprint.
+            check_remote(path)
+            from zarr.storage import FsspecStore
+            with remote_errors(path):
+                store = FsspecStore.from_url(path, storage_options=dict(_REMOTE_OPTIONS))
+                try:
+                    group = zarr.open_group(store=store, mode="w-", attributes=meta)
+                except FileExistsError:
+                    raise StoreError(exists_msg) from None
             return cls(path, group)
         final = Path(path.removeprefix("file://"))
         if final.exists():
@@ -487,13 +629,15 @@ class RunStore:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         path = os.fspath(path)
+        if is_remote(path):
+            check_remote(path)  # an unreachable endpoint or missing bucket is not "no store"
         try:
             if _is_local(path) and not os.path.isdir(path.removeprefix("file://")):
                 raise FileNotFoundError(path)  # don't let the store create an empty directory
             group = _open_zarr(path, mode)
         except Exception as exc:  # FileNotFoundError / GroupNotFoundError / array at path
-            raise StoreError(f"no run store at {path} ({type(exc).__name__}); "
-                             "run `fastreplay train` first or check --run-dir") from exc
+            raise StoreError(f"no run store at {path} ({type(exc).__name__}); run `fastreplay "
+                             f"train` first or check {'--store' if is_remote(path) else '--run-dir'}") from exc
         if "fingerprint" not in group.attrs or "config" not in group.attrs:
             raise StoreError(f"{path} is a Zarr group but not a fastreplay run store; "
                              "check --run-dir")
@@ -501,8 +645,14 @@ class RunStore:
 
     @staticmethod
     def exists(path) -> bool:
+        """Whether ``path`` holds a run store. For a remote URL whose location cannot be used
+        (unreachable endpoint, missing bucket or driver) this raises a one-line StoreError
+        rather than answering no."""
+        path = os.fspath(path)
+        if is_remote(path):
+            check_remote(path)
         try:
-            return "fingerprint" in zarr.open_group(os.fspath(path), mode="r").attrs
+            return "fingerprint" in _open_zarr(path, "r").attrs
         except Exception:
             return False
 
@@ -851,7 +1001,8 @@ class RunStore:
         return sorted(f"lds/{g}" for g in self._group["lds"].group_keys()) if "lds" in self._group else []
 
     def delete(self, name: str) -> None:
-        """Delete a node; on a local store it disappears at once (renamed away, then removed)."""
+        """Delete a node; on a local store it disappears at once (renamed away, then removed),
+        on a remote one object by object."""
         if _is_local(self.path):
             root = Path(self.path.removeprefix("file://"))
             _discard_tree(root / name, root)
@@ -859,12 +1010,16 @@ class RunStore:
             del self._group[name]
 
     def remove_partial_files(self) -> int:
-        """Delete temporary files left by a killed writer (call only under the run lock)."""
+        """Delete temporary files left by a killed writer (call only under the run lock); a
+        remote store has none (each object write is atomic there)."""
         return remove_partial_files(self.path.removeprefix("file://")) if _is_local(self.path) else 0
 
     def nbytes_on_disk(self) -> int:
-        if "://" in self.path and not self.path.startswith("file://"):
-            raise StoreError(f"disk usage is only measured for local stores, not {self.path}")
+        """Bytes the store takes (for a remote store: the sizes of its objects)."""
+        if is_remote(self.path):
+            fs, path = _remote_fs(self.path)
+            with remote_errors(self.path):
+                return int(fs.du(path.rstrip("/"), total=True))
         root = self.path.removeprefix("file://")
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
 
