@@ -37,7 +37,8 @@ class ReplayResult:
 def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, step: int,
              g_bar: torch.Tensor, b_bar: torch.Tensor):
     """(H g_bar + rho J^T b_bar) (K, P) and d<grad L_t, g_bar>/dw for the batch (K, B)."""
-    if recipe.cfg.replay.hvp == "forward":
+    hvp = recipe.cfg.replay.hvp
+    if hvp == "forward" or (hvp == "auto" and recipe.device.type == "cuda"):
         return _step_vjp_forward(recipe, theta_t, buffers_t, step, g_bar, b_bar)
     theta = theta_t.detach().requires_grad_(True)
     w = recipe.ones()[recipe.indices[step]].requires_grad_(True)
