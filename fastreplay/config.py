@@ -147,18 +147,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "schedule": "onecycle", "weight_decay": 5e-4},
         "replay": {"checkpoint_every": 20},
     },
-    # The GPU recipe: ResNet-9 on all of CIFAR-10.
+    # The GPU recipe: ResNet-9 on all of CIFAR-10, 16 epochs (1,552 steps, 90.05% test accuracy
+    # on the H100 with TF32), attributed over its last epoch (steps 1455..1551): over the whole
+    # run the scores are exact but the run is chaotic (benchmarks/RESULTS.md); set
+    # replay.start_step=0 to attribute all of it. One checkpoint per epoch: 0.84 GB on disk.
     "full": {
         "device": "auto",
         "data": {"name": "cifar10", "num_train": 0, "num_test": 0, "image_size": 32,
                  "crop_padding": 4},
         "model": {"name": "resnet9", "width": 1.0, "activation": "gelu", "pool": "max",
                   "output_scale": 0.125},
-        "train": {"epochs": 10, "batch_size": 512, "lr": 0.4, "momentum": 0.9, "nesterov": True,
+        "train": {"epochs": 16, "batch_size": 512, "lr": 0.4, "momentum": 0.9, "nesterov": True,
                   "weight_decay": 5e-4, "schedule": "onecycle", "peak_at": 0.2,
                   "start_factor": 0.1, "end_factor": 0.0, "label_smoothing": 0.2,
                   "dtype": "float32", "channels_last": True},
-        "replay": {"checkpoint_every": 32, "target_batch": 5},
+        "replay": {"checkpoint_every": 97, "target_batch": 10, "start_step": 1455},
     },
     # Tests: float64 synthetic data, small enough for finite differences.
     "test": {"device": "cpu"},

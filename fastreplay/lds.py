@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from .distributed import barrier, is_main, shard, world_size
+from .distributed import barrier, gather_all, is_main, shard, world_size
 from .config import score_name
 from .exceptions import ConfigError, StoreError
 from .measure import measure
@@ -150,6 +150,7 @@ def run_lds(recipe: Recipe, store, models: int, keep: float, targets: Optional[l
     if todo:
         log.info("LDS: %d models in %.1fs (%.1f models/min, %d per batch)", len(todo), seconds,
                  60 * len(todo) / seconds, per_batch)
+    seconds = max(gather_all(seconds))  # the slowest rank's share is the wall time
     barrier()  # every rank has written its own rows (one chunk each)
     if not is_main():
         return None, None, None

@@ -18,7 +18,7 @@ from .faults import crash_point
 from .kernels import sgd_step_
 from .progress import log
 from .recipe import Recipe, TrainState
-from .train import _NanWatch
+from .train import _NanWatch, run_steps
 
 
 def _make_step(recipe: Recipe):
@@ -40,6 +40,8 @@ def train_many(recipe: Recipe, weights: torch.Tensor, num_steps: int | None = No
     m = weights.shape[0]
     weights = weights.to(recipe.device, recipe.dtype)
     init = start or recipe.init_state()
+    if not can_batch_models(recipe):
+        return _train_one_by_one(recipe, weights, init, num_steps)
     state = TrainState(init.theta.expand(m, -1).clone(), init.momentum.expand(m, -1).clone(),
                        init.buffers.expand(m, -1).clone(), init.step)
     step_fn = _make_step(recipe)
@@ -62,6 +64,20 @@ def train_many(recipe: Recipe, weights: torch.Tensor, num_steps: int | None = No
     return state
 
 
+def can_batch_models(recipe: Recipe) -> bool:
+    """vmap cannot run channels_last convolutions (torch: "NYI: clone(memory_format) inside
+    vmap"), and an NCHW batch would round differently from the NHWC training run."""
+    return not recipe.cfg.train.channels_last
+
+
+def _train_one_by_one(recipe: Recipe, weights: torch.Tensor, init: TrainState,
+                      num_steps: int | None) -> TrainState:
+    stop = recipe.num_steps if num_steps is None else num_steps
+    finals = [run_steps(recipe, init.clone(), w, stop, description="retrain") for w in weights]
+    return TrainState(*(torch.stack([getattr(f, k) for f in finals])
+                        for k in ("theta", "momentum", "buffers")), stop)
+
+
 def _steps_per_second(recipe: Recipe, m: int, steps: int = 3) -> float:
     """Model-steps per second of an m-model batch over a few real steps."""
     weights = recipe.ones().expand(m, -1)
@@ -75,7 +91,7 @@ def _steps_per_second(recipe: Recipe, m: int, steps: int = 3) -> float:
 
 def choose_models_per_batch(recipe: Recipe, models: int, candidates=(1, 4, 8, 16)) -> int:
     """The fastest models-per-batch on this device, by measurement (1 on the CPU)."""
-    if recipe.device.type != "cuda" or models == 1:
+    if recipe.device.type != "cuda" or models == 1 or not can_batch_models(recipe):
         return 1
     best, best_rate = 1, 0.0
     for m in [c for c in candidates if c <= models]:

@@ -118,3 +118,19 @@ def test_window_retrainings_start_from_the_stored_run(tmp_path):
     assert torch.equal(theta, full.theta) and torch.equal(buffers, full.buffers)
     res, _, _ = run_lds(recipe, store, models=8, keep=0.95, targets=None, models_per_batch=4)
     assert res.lds_mean >= 0.95, res
+
+
+def test_channels_last_runs_train_one_model_at_a_time():
+    """vmap cannot batch channels_last models: train_many falls back to one at a time, bitwise
+    equal to single-model training."""
+    import torch
+    from fastreplay.multitrain import choose_models_per_batch, train_many
+    from fastreplay.recipe import Recipe
+    from fastreplay.train import train
+    recipe = Recipe(load_config("test", overrides=OVERRIDES + ["train.channels_last=true",
+                                                               "train.epochs=1"]))
+    w = torch.from_numpy(np.stack([np.ones(200), subset_masks(200, 1, 0.9, 0)[0]]).astype(np.float64))
+    many = train_many(recipe, w)
+    for j in range(2):
+        assert torch.equal(many.theta[j], train(recipe, w[j]).theta)
+    assert choose_models_per_batch(recipe, 10) == 1
