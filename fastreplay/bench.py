@@ -1,5 +1,6 @@
-"""`fastreplay bench kernels`: the fused optimizer adjoint against the best pure-PyTorch path.
+"""`fastreplay bench kernels|replay`: our fast paths against the pure-PyTorch reference paths.
 
+kernels: the fused optimizer adjoint against the best pure-PyTorch path.
 The reference here is the fastest eager formulation we know: torch._foreach_* over the
 per-parameter tensors (what torch.optim's foreach SGD does), K measurements as a leading dim.
 Bandwidth counts the bytes the adjoint must move: read theta_bar, m_bar, hvp; write theta_bar,
@@ -107,13 +108,55 @@ def bench_kernels(device: str = "cuda", num_params: int = 6_573_120, targets=(1,
     return out
 
 
+def _eager_nn_step(cfg, device: torch.device):
+    """One step of the plain eager torch.nn training loop for the same model (channels_last where
+    the recipe is 4-D, torch.optim.SGD foreach, same batch size): the denominator issue 5 names,
+    so that a slow training step of ours cannot flatter any ratio."""
+    import torch.nn.functional as F
+
+    from .models import build_module
+
+    torch.manual_seed(cfg.seed)
+    dtype = getattr(torch, cfg.train.dtype)
+    module = build_module(cfg).to(device=device, dtype=dtype)
+    b, s = cfg.train.batch_size, cfg.data.image_size
+    x = torch.randn(b, 3, s, s, device=device, dtype=dtype)
+    if cfg.model.name != "mlp":
+        module = module.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, cfg.data.num_classes, (b,), device=device)
+    opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=cfg.train.momentum,
+                          nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay,
+                          foreach=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(module(x), y, label_smoothing=cfg.train.label_smoothing).backward()
+        opt.step()
+    return step
+
+
+def _timed_once(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def bench_replay(cfg, targets: int = 4, steps: int = 5) -> dict:
-    """Per-step costs of the recipe ``cfg``: training step, replay step for 1 and K measurements,
-    and a training run with vs without checkpoint streaming (in a temporary run store)."""
+    """Costs of the recipe ``cfg`` (issue 5's table): training step (ours and plain eager
+    torch.nn), reference and fast replay step (optimizer adjoint + H v + weight term) with their
+    ratios, the training run with and without checkpoint streaming, real replays of 1 and K
+    measurements over the configured window against the training run, disk and peak memory."""
+    import dataclasses
     import tempfile
 
+    from .kernels import sgd_adjoint_
     from .recipe import Recipe
-    from .replay import step_vjp
+    from .replay import replay, step_vjp
     from .store import RunStore, versions
     from .train import train, train_into_store
 
@@ -128,31 +171,51 @@ def bench_replay(cfg, targets: int = 4, steps: int = 5) -> dict:
 
     out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "params": recipe.model.num_params, "steps": recipe.num_steps,
-           "train_step_s": _time(one_step, dev, reps=steps, warm=2)}
+           "replayed_steps": recipe.num_steps - cfg.replay.start_step,
+           "tf32": cfg.train.tf32, "channels_last": cfg.train.channels_last,
+           "train_step_s": _time(one_step, dev, reps=steps, warm=2),
+           "eager_nn_train_step_s": _time(_eager_nn_step(cfg, dev), dev, reps=steps, warm=2)}
+    denominator = max(out["train_step_s"], out["eager_nn_train_step_s"])
+    fast_cfg = cfg
+    ref_cfg = dataclasses.replace(cfg, replay=dataclasses.replace(cfg.replay, hvp="reverse",
+                                                                  backend="reference"))
     for k in sorted({1, targets}):
         g_bar = torch.randn(k, recipe.model.num_params, device=dev, dtype=recipe.dtype)
         b_bar = torch.randn(k, recipe.model.num_buffers, device=dev, dtype=recipe.dtype)
-        out[f"replay_step_K{k}_s"] = _time(
-            lambda: step_vjp(recipe, state.theta, state.buffers, 0, g_bar, b_bar), dev,
-            reps=steps, warm=1)
-        out[f"replay_step_K{k}_over_train_step"] = out[f"replay_step_K{k}_s"] / out["train_step_s"]
+        t_bar, m_bar, g_out = g_bar.clone(), torch.randn_like(g_bar), torch.empty_like(g_bar)
+        hvp = torch.randn_like(g_bar)
+        cfg_t = cfg.train
+        for name, c in (("reference", ref_cfg), ("fast", fast_cfg)):
+            recipe.cfg = c
+            backend = "reference" if name == "reference" else recipe.adjoint_backend
 
-    def timed_run(fn):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+            def reverse_step():
+                sgd_adjoint_(t_bar, m_bar, g_out, hvp, recipe.model.group_ends, recipe.lrs[0],
+                             recipe.wds, cfg_t.momentum, cfg_t.nesterov, backend)
+                step_vjp(recipe, state.theta, state.buffers, 0, g_out, b_bar)
+            out[f"{name}_replay_step_K{k}_s"] = _time(reverse_step, dev, reps=steps, warm=1)
+        recipe.cfg = cfg
+        out[f"fast_vs_reference_K{k}"] = (out[f"reference_replay_step_K{k}_s"]
+                                          / out[f"fast_replay_step_K{k}_s"])
+        # A reverse step also rebuilds its state (one training step): whole-run replay cost of
+        # one of these K measurements in units of the training run.
+        out[f"replay_run_per_measurement_K{k}_over_train_run"] = (
+            (out[f"fast_replay_step_K{k}_s"] + out["train_step_s"]) / k / denominator)
 
-    out["train_run_s"] = timed_run(lambda: train(recipe))
+    out["train_run_s"] = _timed_once(lambda: train(recipe), dev)
     with tempfile.TemporaryDirectory() as tmp:
-        store = RunStore.create(f"{tmp}/run.zarr", cfg.to_dict(), cfg.fingerprint(), versions())
-        out["train_run_streaming_s"] = timed_run(lambda: train_into_store(recipe, store))
+        store = RunStore.create(f"{tmp}/run.zarr", cfg.to_dict(), cfg.fingerprint(), versions(),
+                                attrs={"step_backend": recipe.step_backend})
+        out["train_run_streaming_s"] = _timed_once(lambda: train_into_store(recipe, store), dev)
         out["store_bytes"] = store.nbytes_on_disk()
+        out["streaming_slowdown"] = out["train_run_streaming_s"] / out["train_run_s"] - 1
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        for k in sorted({1, targets}):
+            res = replay(recipe, store, list(range(k)), cfg.measure.kind)
+            out[f"replay_K{k}_s"] = res.seconds
+            out[f"replay_K{k}_per_measurement_over_train_run"] = res.seconds / k / out["train_run_s"]
+        if dev.type == "cuda":
+            out["replay_peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
         store.close()
-    out["streaming_slowdown"] = out["train_run_streaming_s"] / out["train_run_s"] - 1
-    if dev.type == "cuda":
-        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
     return out
