@@ -53,7 +53,10 @@ def test_clean_checkpoints_keeps_scores(cli, tmp_path):
 
 def test_bench_replay_reports_ratios(cli):
     out = cli.json("bench", "replay", "--device", "cpu", "--preset", "test", "--targets", "1,2")
-    assert out["replay_step_K2_s"] > 0 and out["train_step_s"] > 0
+    for k in (1, 2):
+        assert out[f"reference_replay_step_K{k}_s"] > 0 and out[f"fast_replay_step_K{k}_s"] > 0
+        assert out[f"replay_K{k}_s"] > 0 and out[f"replay_K{k}_per_measurement_over_train_run"] > 0
+    assert out["train_step_s"] > 0 and out["eager_nn_train_step_s"] > 0
     assert out["store_bytes"] > 0 and "streaming_slowdown" in out
 
 
