@@ -340,7 +340,7 @@ def _main(monkeypatch, capsys, *args) -> tuple[int, str]:
 
 
 def _enospc_on(monkeypatch, fragment: str):
-    import fastreplay.store as store_mod
+    import fastreplay.store.diskio as store_mod  # _put_atomic looks _write_file up here
     real = store_mod._write_file
 
     def write(path, data):
@@ -353,7 +353,7 @@ def _enospc_on(monkeypatch, fragment: str):
 
 
 def test_disk_full_is_one_line_and_the_run_resumes(baseline, tmp_path, monkeypatch, capsys):
-    import fastreplay.store as store_mod
+    import fastreplay.store.diskio as store_mod  # _put_atomic looks _write_file up here
     magic = magic_args(level="ERROR")
 
     # During training: the background writer fails on the 4th checkpoint.

@@ -1,39 +1,14 @@
-"""The run store: one Zarr v3 group holding the schedule, checkpoints, final state and scores.
-
-Checkpoints are written on a background thread so training only waits when the write queue
-is full; each checkpoint row has a commit marker written last, so a crash never leaves a
-half-written checkpoint that reads as valid.
-
-Crash safety (docs/errors.md): every file is written to a temporary name and renamed into place
-(SafeLocalStore), so a SIGKILL never leaves a torn chunk or metadata file; checkpoint rows, the
-final state and score rows carry crc32 checksums verified on read; scores grow by appending rows
-that count only once the target list (atomic metadata) names them. RunDirLock keeps a second
-process off a run directory.
-
-Remote stores (an fsspec URL such as s3://bucket/run.zarr, through zarr's FsspecStore): every
-object write is atomic on the object store itself, so there are no temporary files or
-renames; the store is created by one write of its zarr.json (identity attrs included), and
---force deletes exactly its prefix, only when it holds a fastreplay run store, root metadata
-last. Deleting a node (clean, --force) is not atomic there: a crash midway leaves part of it
-(rerun the command). The lock stays on the local run directory.
-"""
+"""RunStore: one run's Zarr v3 group (schedule, checkpoints, final state, scores, LDS values),
+with crc32-checked rows and crash-safe commits; creating, opening and deleting run stores."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import errno
-import fcntl
 import importlib.metadata
 import json
 import os
 import platform
-import queue
-import re
 import shutil
-import threading
-import uuid
-import weakref
 import zlib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,201 +16,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from zarr.storage import LocalStore
 
-from .exceptions import DiskFullError, StoreError
-from .faults import crash_point
+from ..exceptions import StoreError
+from ..faults import crash_point
+from .diskio import (SafeLocalStore, _discard_tree, _remove_stale_temp_dirs, disk_errors,
+                     remove_partial_files)
+from .locks import RunDirLock
+from .remote import (_REMOTE_OPTIONS, _discard_remote, _is_local, _remote_fs, check_remote,
+                     is_remote, remote_errors)
+from .writer import AsyncWriter, _snapshot
 
 _STEP_CHUNK = 256  # schedule rows per chunk
 _SCORE_CHUNK = 16  # score targets per chunk (stores written before append_scores)
-LOCK_NAME = ".lock"
-_PARTIAL = ".partial"  # suffix of a file being written (zarr's and ours): never a valid key
 _NO_CRC = -1  # checksum slot never written (stores from before checksums)
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-_READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
-
-
-def os_error(exc: OSError, what: str) -> Exception:
-    """A one-line StoreError for the OSErrors a user can fix (disk full, no write permission).
-
-    Other OSErrors are returned unchanged (the caller re-raises them).
-    """
-    if exc.errno in _DISK_FULL:
-        return DiskFullError(f"disk full while writing {what}; free space on that disk (e.g. "
-                             "`fastreplay clean OLD_RUN_DIR`) and rerun the same command: the run "
-                             "resumes where it stopped")
-    if exc.errno in _READ_ONLY:
-        return StoreError(f"cannot write {what}: {exc.strerror or exc} (read-only directory?); "
-                          "make it writable (chmod -R u+w) or use another --run-dir")
-    return exc
-
-
-@contextlib.contextmanager
-def disk_errors(what: str):
-    """Turn any OSError raised by the body (writing ``what``) into a one-line StoreError."""
-    try:
-        yield
-    except OSError as exc:
-        err = os_error(exc, what)
-        if err is exc:
-            err = StoreError(f"cannot write {what} ({exc.strerror or exc}); check the path and "
-                             "rerun")
-        raise err from None
 
 
 def _crc(a: np.ndarray) -> int:
     """crc32 of the exact bytes of ``a`` (C order)."""
     return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
-
-
-def _write_file(path: Path, data) -> None:
-    """The one place store bytes hit the disk (tests inject ENOSPC here)."""
-    with open(path, "wb") as fh:
-        fh.write(data)
-
-
-def _put_atomic(root: Path, key: str, value, exclusive: bool = False) -> None:
-    """Write ``value`` to root/key via a temporary file and a rename: a reader (or a process
-    killed mid-write) sees the old file or the new one, never a torn one."""
-    path = root / key
-    tmp = path.parent / f"{path.name}.{uuid.uuid4().hex}{_PARTIAL}"
-    data = value.as_buffer_like() if hasattr(value, "as_buffer_like") else value.to_bytes()
-    try:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write_file(tmp, data)
-        except OSError as exc:
-            err = os_error(exc, f"{key} in {root}")
-            if err is exc:
-                raise
-            raise err from None
-        crash_point("store_write")
-        if exclusive:  # like zarr: FileExistsError when the key exists
-            os.link(tmp, path)
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-class SafeLocalStore(LocalStore):
-    """zarr's LocalStore with every write atomic (temporary file + rename) on every zarr 3
-    version, one-line errors for a full disk or a read-only directory, and a crash point."""
-
-    async def set(self, key: str, value) -> None:
-        await self._safe_set(key, value, False)
-
-    async def set_if_not_exists(self, key: str, value) -> None:
-        try:
-            await self._safe_set(key, value, True)
-        except FileExistsError:
-            pass
-
-    def set_sync(self, key: str, value) -> None:
-        self._ensure_open_sync()
-        self._check_writable()
-        _put_atomic(self.root, key, value)
-
-    async def _safe_set(self, key: str, value, exclusive: bool) -> None:
-        if not self._is_open:
-            await self._open()
-        self._check_writable()
-        await asyncio.to_thread(_put_atomic, self.root, key, value, exclusive)
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
-def is_remote(path) -> bool:
-    """True for an fsspec URL such as ``s3://bucket/run.zarr`` (``file://`` counts as local)."""
-    return not _is_local(os.fspath(path))
-
-
-# Remote stores: fsspec filesystems (s3fs for s3://) configured by their usual environment
-# (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, AWS_DEFAULT_REGION for
-# S3). Listings are not cached: this process deletes and recreates groups (--force, clean) and
-# a stale listing would hide that.
-_REMOTE_OPTIONS = {"use_listings_cache": False}
-# Packages whose exceptions mean "the remote store cannot be reached or used" (network, endpoint,
-# credentials), as opposed to a bug here; OSErrors always count.
-_REMOTE_ERROR_MODULES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "google",
-                         "adlfs", "azure", "requests", "urllib3"}
-
-
-def _remote_fs(url: str):
-    """(fsspec filesystem, path inside it) of a remote store URL; a one-line StoreError when the
-    protocol is unknown or its driver (s3fs for s3://) is not installed."""
-    try:
-        from fsspec.core import url_to_fs
-        return url_to_fs(url, **_REMOTE_OPTIONS)
-    except ImportError as exc:
-        raise StoreError(f"cannot open {url}: {exc}; install the fsspec driver of that protocol "
-                         "(`pip install s3fs` for s3://) or use a local --store") from None
-    except ValueError as exc:
-        raise StoreError(f"cannot open {url} ({exc}); use a local path or an fsspec URL such as "
-                         "s3://bucket/run.zarr") from None
-
-
-@contextlib.contextmanager
-def remote_errors(url: str):
-    """Turn a failure to reach or use the remote store at ``url`` into a one-line StoreError.
-
-    FileNotFoundError passes through (callers decide what missing means); so do errors that are
-    not about the remote side (they are bugs, and keep their traceback).
-    """
-    try:
-        yield
-    except (StoreError, FileNotFoundError):
-        raise
-    except PermissionError as exc:
-        raise StoreError(f"access to {url} denied ({_first_line(exc)}); check the credentials "
-                         "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the "
-                         "bucket's permissions") from None
-    except Exception as exc:
-        if not (isinstance(exc, OSError)
-                or type(exc).__module__.split(".")[0] in _REMOTE_ERROR_MODULES):
-            raise
-        raise StoreError(f"cannot reach the store {url} ({type(exc).__name__}: {_first_line(exc)}); "
-                         "check AWS_ENDPOINT_URL, the network and the credentials "
-                         "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE), then rerun") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
-def check_remote(url: str, write: bool = False):
-    """(filesystem, path) of a remote store after checking that its location is usable: the
-    driver is installed, the endpoint answers, the bucket exists and (``write``) accepts a probe
-    object written beside the store and deleted again. Raises a one-line StoreError otherwise."""
-    fs, path = _remote_fs(url)
-    path = path.rstrip("/")
-    split = getattr(fs, "split_path", None)  # object stores (s3fs, gcsfs, adlfs): bucket, key, ...
-    bucket, key = split(path)[:2] if split else ("", path)
-    if not key:
-        raise StoreError(f"store {url} names a bucket, not a location inside it; use e.g. "
-                         f"{url.rstrip('/')}/run.zarr")
-    with remote_errors(url):
-        if bucket:
-            try:
-                fs.info(bucket)
-            except FileNotFoundError:
-                raise StoreError(f"bucket {bucket!r} of {url} does not exist (or is not visible "
-                                 "with these credentials); create it or fix --store") from None
-        if write:
-            parent, _, name = path.rpartition("/")
-            probe = f"{parent}/.{name}.write-probe-{os.getpid()}"
-            try:
-                fs.pipe_file(probe, b"x")
-            finally:
-                with contextlib.suppress(Exception):
-                    fs.rm_file(probe)
-    return fs, path
 
 
 def _open_zarr(path: str, mode: str) -> zarr.Group:
@@ -246,37 +44,6 @@ def _open_zarr(path: str, mode: str) -> zarr.Group:
         return zarr.open_group(store=store, mode=mode)
     local = path.removeprefix("file://")
     return zarr.open_group(store=SafeLocalStore(local, read_only=(mode == "r")), mode=mode)
-
-
-def _remove_stale_temp_dirs(final: Path) -> None:
-    """Remove ``.NAME.creating-PID`` / ``.NAME.deleting[.ID]-PID`` dirs of processes that are gone."""
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(creating|deleting)(\.[0-9a-f]+)?-(\d+)$")
-    for d in final.parent.glob(f".{final.name}.*-*"):
-        match = pattern.match(d.name)
-        if match is None:
-            continue
-        pid = match.group(3)
-        try:
-            os.kill(int(pid), 0)
-            if int(pid) != os.getpid():
-                continue  # its process still runs
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _discard_tree(tree: Path, store_root: Path) -> None:
-    """Delete ``tree`` (the store or a node in it) so that a crash midway never leaves it half
-    deleted: rename it beside the store (atomic), then delete the renamed copy."""
-    if not tree.exists():
-        return
-    doomed = store_root.parent / f".{store_root.name}.deleting.{uuid.uuid4().hex[:12]}-{os.getpid()}"
-    with disk_errors(str(tree)):
-        os.rename(tree, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-    _remove_stale_temp_dirs(store_root)
 
 
 def discard_store(path) -> bool:
@@ -294,160 +61,6 @@ def discard_store(path) -> bool:
         return False
     _discard_tree(final, final)
     return True
-
-
-def _discard_remote(url: str) -> bool:
-    fs, path = check_remote(url)
-    with remote_errors(url):
-        try:
-            meta = json.loads(fs.cat_file(f"{path}/zarr.json"))
-        except FileNotFoundError:
-            if fs.exists(path):
-                raise StoreError(f"{url} holds data that is not a Zarr group; refusing to delete "
-                                 "it: choose another --store") from None
-            return False
-        except ValueError:
-            meta = {}
-        meta = meta if isinstance(meta, dict) else {}
-        attrs = meta.get("attributes") if isinstance(meta.get("attributes"), dict) else {}
-        if meta.get("node_type") != "group" or "fingerprint" not in attrs or "config" not in attrs:
-            raise StoreError(f"{url} is not a fastreplay run store; refusing to delete it: "
-                             "choose another --store")
-        # Exactly the objects under PREFIX/ (never a sibling such as PREFIX2/), the root
-        # metadata last: a crash midway leaves a store that the next --force still recognises.
-        root = f"{path}/zarr.json"
-        doomed = [f for f in fs.find(path) if f.startswith(f"{path}/") and f != root]
-        if doomed:
-            fs.rm(doomed)
-        fs.rm_file(root)
-        fs.invalidate_cache(path)
-    return True
-
-
-def remove_partial_files(root) -> int:
-    """Delete the temporary files a killed writer left behind; call only under the run lock."""
-    n = 0
-    for d, _, files in os.walk(root):
-        for f in files:
-            if f.endswith(_PARTIAL):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(d, f))
-                    n += 1
-    return n
-
-
-def check_writable(directory) -> None:
-    """Raise a one-line StoreError unless a file can be created in ``directory`` (a probe write:
-    permission bits alone do not say it, e.g. for root or a read-only mount)."""
-    probe = os.path.join(os.fspath(directory), f".write-probe-{os.getpid()}")
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, b"x")
-        finally:
-            os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(probe)
-        if exc.errno in _READ_ONLY:
-            raise StoreError(f"run directory {directory} is not writable ({exc.strerror}); make it "
-                             f"writable (chmod -R u+w {directory}) or use another --run-dir") from None
-        err = os_error(exc, f"a probe file in {directory}")
-        raise (err if err is not exc else StoreError(
-            f"cannot write in run directory {directory} ({exc.strerror or exc}); "
-            "check the disk or use another --run-dir")) from None
-
-
-# Run-directory locks held by this process: realpath -> [fd, holders]. flock locks conflict
-# between open file descriptions even inside one process, so a process shares one per directory.
-_locks: dict[str, list] = {}
-_locks_guard = threading.Lock()
-
-
-def _acquire_lock(run_dir) -> str:
-    key = os.path.realpath(os.fspath(run_dir))
-    with _locks_guard:
-        if key in _locks:
-            _locks[key][1] += 1
-            return key
-        path = os.path.join(key, LOCK_NAME)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            err = os_error(exc, path)
-            raise (err if err is not exc else StoreError(f"cannot open the lock file {path} "
-                                                         f"({exc.strerror}); check --run-dir")) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            pid = "unknown"
-            with contextlib.suppress(OSError, ValueError):
-                pid = str(int(os.pread(fd, 32, 0).split()[0]))
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise StoreError(f"run directory {run_dir} is in use by another fastreplay process "
-                                 f"(pid {pid}); wait for it or use another --run-dir") from None
-            raise StoreError(f"cannot lock run directory {run_dir} ({exc.strerror}); "
-                             "use a local --run-dir") from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:
-            os.close(fd)  # closing drops the lock
-            err = os_error(exc, path)
-            raise (err if err is not exc else StoreError(f"cannot write {path} ({exc.strerror})")) from None
-        _locks[key] = [fd, 1]
-        return key
-
-
-def _release_lock(key: str) -> None:
-    with _locks_guard:
-        entry = _locks.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del _locks[key]
-            os.close(entry[0])  # releases the flock
-
-
-def _torchrun_follower() -> bool:
-    """True in a torchrun worker other than rank 0 (rank 0 holds the lock for the whole job)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
-    except ValueError:
-        return False
-
-
-def _nothing() -> None:
-    pass
-
-
-class RunDirLock:
-    """Exclusive lock on RUN_DIR/.lock (fcntl.flock) for as long as this object lives.
-
-    Another process asking for it gets a one-line StoreError naming the holder's pid. The kernel
-    drops the lock when the holder dies, even by SIGKILL, so a crash never leaves a stale lock.
-    Re-entrant within one process (holders are counted). In a torchrun job only rank 0 takes it
-    (``owner``); the other ranks work in the same store under rank 0's lock and barriers.
-    """
-
-    def __init__(self, run_dir):
-        self.run_dir = os.fspath(run_dir)
-        self.owner = not _torchrun_follower()
-        if self.owner:
-            key = _acquire_lock(run_dir)
-            self._finalizer = weakref.finalize(self, _release_lock, key)
-        else:
-            self._finalizer = weakref.finalize(self, _nothing)
-
-    def release(self) -> None:
-        self._finalizer()  # runs _release_lock at most once
-
-    @property
-    def held(self) -> bool:
-        return self._finalizer.alive
 
 
 def versions() -> dict:
@@ -473,99 +86,6 @@ def _jsonable(v):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class _Pending(tuple):
-    """(device-side copy, CUDA event marking the copy done): made on the caller's thread."""
-
-
-def _snapshot(x):
-    """Copy `x` now (async on GPU, no host sync) so training may keep mutating the original."""
-    if not isinstance(x, torch.Tensor):
-        return np.array(x, copy=True)
-    copy, event = x.detach().clone(), None
-    if copy.is_cuda:
-        event = torch.cuda.Event()
-        event.record()
-    return _Pending((copy, event))
-
-
-def _to_numpy(x):
-    """Host copy of a tensor/snapshot; runs on the writer thread so only it waits for the device."""
-    if isinstance(x, _Pending):
-        x, event = x
-        if event is not None:
-            event.synchronize()
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-
-
-class AsyncWriter:
-    """Background thread + bounded queue (default 4): training only waits when the queue is full.
-
-    Jobs must not be mutated by the caller after submit (RunStore snapshots them for you).
-    A failed job is remembered, later jobs are skipped, and the error is raised (chained, as
-    StoreError) by every later submit/flush and by the first close.
-    """
-
-    def __init__(self, maxsize: int = 4):
-        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
-        self._error: BaseException | None = None
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="fastreplay-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                if job is None:
-                    return
-                if self._error is None:
-                    fn, args, kwargs = job
-                    fn(*[_to_numpy(a) for a in args], **{k: _to_numpy(v) for k, v in kwargs.items()})
-            except BaseException as exc:  # noqa: BLE001 - must never die silently
-                self._error = exc
-            finally:
-                self._queue.task_done()
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            exc = self._error
-            if isinstance(exc, StoreError):  # already says what is wrong and how to fix it
-                raise type(exc)(str(exc)) from exc
-            raise StoreError(f"background write failed ({type(exc).__name__}: {exc}); "
-                             "fix the cause (disk full? permissions?) and rerun") from exc
-
-    def submit(self, fn, *args, **kwargs) -> None:
-        """Queue fn(*args, **kwargs); tensors among the args become numpy on the writer thread."""
-        if self._closed:
-            raise StoreError("write submitted to a closed AsyncWriter; reopen the RunStore")
-        self._raise_if_failed()
-        self._queue.put((fn, args, kwargs))
-
-    def flush(self) -> None:
-        """Wait until every submitted job has run; raise the first job error, if any."""
-        self._queue.join()
-        self._raise_if_failed()
-
-    def close(self) -> None:
-        """Flush and stop the thread; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join()
-        self._raise_if_failed()
-
-    def __enter__(self) -> AsyncWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.close()
-        except StoreError:
-            if exc_type is None:  # don't mask the body's own exception
-                raise
 
 
 class RunStore:
@@ -1027,45 +547,3 @@ class RunStore:
         """Drop checkpoints/ (the bulk of the store); schedule, final state and scores stay."""
         self._writer.flush()  # a queued write would otherwise recreate chunks after the delete
         self.delete("checkpoints")
-
-
-class Prefetcher:
-    """Reads checkpoints ahead on a background thread, in the order given, so I/O overlaps compute.
-
-    At most `depth` checkpoints are read but not yet yielded (bounding memory to depth x 3P).
-    """
-
-    def __init__(self, store: RunStore, slots: list[int], depth: int = 2):
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
-        self.store, self.slots, self.depth = store, list(slots), depth
-
-    def __iter__(self):
-        ready: queue.Queue = queue.Queue()
-        room = threading.Semaphore(self.depth)
-        stop = threading.Event()
-
-        def read() -> None:
-            for slot in self.slots:
-                room.acquire()
-                if stop.is_set():
-                    return
-                try:
-                    ready.put((slot, self.store.read_checkpoint(slot), None))
-                except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                    ready.put((slot, None, exc))
-                    return
-
-        thread = threading.Thread(target=read, name="fastreplay-prefetch", daemon=True)
-        thread.start()
-        try:
-            for _ in self.slots:
-                slot, value, exc = ready.get()
-                room.release()
-                if exc is not None:
-                    raise exc
-                yield slot, value
-        finally:
-            stop.set()
-            room.release()  # wake the reader if it waits for room, so it sees `stop`
-            thread.join()

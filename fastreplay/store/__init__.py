@@ -1,0 +1,34 @@
+"""The run store: one Zarr v3 group holding the schedule, checkpoints, final state and scores.
+
+Checkpoints are written on a background thread so training only waits when the write queue
+is full; each checkpoint row has a commit marker written last, so a crash never leaves a
+half-written checkpoint that reads as valid.
+
+Crash safety (docs/errors.md): every file is written to a temporary name and renamed into place
+(SafeLocalStore), so a SIGKILL never leaves a torn chunk or metadata file; checkpoint rows, the
+final state and score rows carry crc32 checksums verified on read; scores grow by appending rows
+that count only once the target list (atomic metadata) names them. RunDirLock keeps a second
+process off a run directory.
+
+Remote stores (an fsspec URL such as s3://bucket/run.zarr, through zarr's FsspecStore): every
+object write is atomic on the object store itself, so there are no temporary files or
+renames; the store is created by one write of its zarr.json (identity attrs included), and
+--force deletes exactly its prefix, only when it holds a fastreplay run store, root metadata
+last. Deleting a node (clean, --force) is not atomic there: a crash midway leaves part of it
+(rerun the command). The lock stays on the local run directory.
+"""
+
+# Modules, one job each: diskio (one-line disk errors, atomic local writes and deletes),
+# remote (fsspec/S3 URLs), locks (RunDirLock), writer (AsyncWriter), runstore (RunStore),
+# prefetch (Prefetcher). This package re-exports their public names.
+
+from .diskio import SafeLocalStore, check_writable, disk_errors, os_error, remove_partial_files
+from .locks import LOCK_NAME, RunDirLock
+from .prefetch import Prefetcher
+from .remote import check_remote, is_remote, remote_errors
+from .runstore import RunStore, discard_store, versions
+from .writer import AsyncWriter
+
+__all__ = ["LOCK_NAME", "AsyncWriter", "Prefetcher", "RunDirLock", "RunStore", "SafeLocalStore",
+           "check_remote", "check_writable", "discard_store", "disk_errors", "is_remote",
+           "os_error", "remote_errors", "remove_partial_files", "versions"]
