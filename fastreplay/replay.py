@@ -14,7 +14,6 @@ Per reverse step t (adjoints carried for all K measurements):
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +24,7 @@ from .kernels import sgd_adjoint_
 from .measure import measurement_grads
 from .progress import log, progress_bar
 from .recipe import Recipe, TrainState
+from .store import Prefetcher
 from .train import run_steps
 
 
@@ -157,15 +157,11 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
     total = sum(end - max(begin, start) for begin, end, _ in segments)
     next_state = final_params
     arity = recipe.cfg.replay.tree_arity if recipe.cfg.replay.schedule == "tree" else 0
-    # The next segment's checkpoint is read (and verified) in the background while this
+    # Checkpoints are read (and verified) ahead on a background thread while the current
     # segment is rebuilt and replayed: disk time hides behind GPU time.
-    with progress_bar(f"replay {len(targets)} target(s)", total) as advance, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-        pending = pool.submit(store.read_checkpoint, segments[0][2]) if segments else None
-        for j, (begin, end, slot) in enumerate(segments):
-            step, params, momentum, buffers = pending.result()
-            if j + 1 < len(segments):
-                pending = pool.submit(store.read_checkpoint, segments[j + 1][2])
+    with progress_bar(f"replay {len(targets)} target(s)", total) as advance:
+        checkpoints = Prefetcher(store, [slot for _, _, slot in segments], depth=1)
+        for (begin, end, _), (_, (step, params, momentum, buffers)) in zip(segments, checkpoints):
             state = TrainState(to(params), to(momentum), to(buffers), step)
             for t, theta_t, buffers_t in reverse_states(recipe, state, end, arity, ones,
                                                        stop=max(begin, start),
