@@ -93,7 +93,8 @@ class ReplayConfig:
     checkpoint_every: int = 8
     """Steps between stored checkpoints; replay recomputes the steps in between."""
     schedule: str = "interval"
-    """How states between stored checkpoints are rebuilt: interval (keep the whole segment in
+    """How states between stored checkpoints are rebuilt: every (every state stored, needs
+    checkpoint_every = 1: nothing to rebuild, most disk), interval (keep the whole segment in
     memory, one extra forward pass) or tree (REPLAY's lazy k-ary tree: O(k log_k L) states)."""
     tree_arity: int = 4
     """k of the tree schedule."""
@@ -257,7 +258,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     r = cfg.replay
     need(r.checkpoint_every >= 1, "replay.checkpoint_every must be >= 1")
     need(r.start_step >= 0, "replay.start_step must be >= 0")
-    need(r.schedule in ("interval", "tree"), "replay.schedule must be interval or tree")
+    need(r.schedule in ("every", "interval", "tree"), "replay.schedule must be every, interval or tree")
+    need(r.schedule != "every" or r.checkpoint_every == 1,
+         f"replay.schedule=every stores every state, but replay.checkpoint_every="
+         f"{r.checkpoint_every}; set --set replay.checkpoint_every=1 (or use interval/tree)")
     need(r.tree_arity >= 2, "replay.tree_arity must be >= 2")
     need(r.backend in ("auto", "fused", "reference"), "replay.backend must be auto, fused or reference")
     need(r.target_batch >= 1, "replay.target_batch must be >= 1")

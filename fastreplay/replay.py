@@ -157,15 +157,19 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
     total = sum(end - max(begin, start) for begin, end, _ in segments)
     next_state = final_params
     arity = recipe.cfg.replay.tree_arity if recipe.cfg.replay.schedule == "tree" else 0
+    every = recipe.cfg.replay.schedule == "every"
     # Checkpoints are read (and verified) ahead on a background thread while the current
     # segment is rebuilt and replayed: disk time hides behind GPU time.
     with progress_bar(f"replay {len(targets)} target(s)", total) as advance:
         checkpoints = Prefetcher(store, [slot for _, _, slot in segments], depth=1)
         for (begin, end, _), (_, (step, params, momentum, buffers)) in zip(segments, checkpoints):
             state = TrainState(to(params), to(momentum), to(buffers), step)
-            for t, theta_t, buffers_t in reverse_states(recipe, state, end, arity, ones,
-                                                       stop=max(begin, start),
-                                                       expect_end=next_state):
+            if every:  # the stored state is theta_t itself: nothing to rebuild
+                states = [(state.step, state.theta, state.buffers)]
+            else:
+                states = reverse_states(recipe, state, end, arity, ones, stop=max(begin, start),
+                                        expect_end=next_state)
+            for t, theta_t, buffers_t in states:
                 sgd_adjoint_(theta_bar, m_bar, g_bar, pending_hvp, recipe.model.group_ends,
                              recipe.lrs[t], recipe.wds, cfg_t.momentum, cfg_t.nesterov,
                              recipe.adjoint_backend)

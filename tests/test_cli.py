@@ -26,6 +26,8 @@ def test_bad_override_is_one_line_error():
     assert "train.lrr" in proc.stderr
     proc = run_module("show-config", "--set", "train.dtype=float16", check=False)
     assert proc.returncode == 2 and "float32 or float64" in proc.stderr
+    proc = run_module("show-config", "--set", "replay.schedule=every", check=False)
+    assert proc.returncode == 2 and "replay.checkpoint_every=1" in proc.stderr
 
 
 def test_info_json(cli):

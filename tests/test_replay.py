@@ -39,8 +39,9 @@ def test_replay_equals_unrolled_oracle(model, backend, hvp, tmp_path):
 def test_scores_identical_across_checkpoint_schedules(tmp_path, start_step):
     """Bitwise: every checkpoint interval and the k-ary tree do the same per-step arithmetic."""
     results = {}
-    for every, schedule, arity in ((1, "interval", 2), (4, "interval", 2), (100, "interval", 2),
-                                   (100, "tree", 2), (7, "tree", 3), (100, "tree", 4)):
+    for every, schedule, arity in ((1, "every", 2), (1, "interval", 2), (4, "interval", 2),
+                                   (100, "interval", 2), (100, "tree", 2), (7, "tree", 3),
+                                   (100, "tree", 4)):
         cfg = _cfg(f"replay.checkpoint_every={every}", f"replay.schedule={schedule}",
                    f"replay.tree_arity={arity}", f"replay.start_step={start_step}")
         recipe, store = open_or_train(cfg, tmp_path / f"e{every}{schedule}{arity}")
