@@ -5,7 +5,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 R=$OUT/results.txt
 nvidia-smi --query-gpu=name --format=csv,noheader | tee -a $R
-S="--preset full --set train.epochs=2 --set replay.start_step=97 --set train.tf32=true"
+S="--preset full --set train.epochs=2 --set train.tf32=true"
 timeout 120 python -m fastreplay magic $S --targets 0:2 --run-dir runs/smoke --json --no-plots 2>>$OUT/smoke.log | tee -a $R
 timeout 90 python -m fastreplay lds --run-dir runs/smoke --models 4 --keep 0.99 --json --no-plots 2>>$OUT/smoke.log | tee -a $R
 timeout 330 python - <<'PY' 2>>$OUT/acc.log | tee -a $R

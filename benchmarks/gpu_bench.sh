@@ -8,7 +8,7 @@ R=$OUT/results.txt
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a $R
 FASTREPLAY_REQUIRE_EXT=1 timeout 150 python -m pytest -q -m cuda tests/test_kernels.py 2>&1 | tail -2 | tee -a $R
 timeout 330 python -m fastreplay bench replay --device cuda --preset full --targets 1,4 \
-  --set train.epochs=8 --set replay.start_step=679 --json 2>>$OUT/bench.log | tee -a $R
+  --set train.epochs=8 --json 2>>$OUT/bench.log | tee -a $R
 timeout 120 python -m pytest -q benchmarks/ --benchmark-only --benchmark-save=h100 \
   --benchmark-storage=$OUT/bm 2>&1 | tail -14 | tee -a $R
 true

@@ -13,7 +13,7 @@ done
 CHOICE="--set train.tf32=true --set train.channels_last=true --set replay.hvp=forward"
 echo "chosen: $CHOICE" | tee -a $R
 RUN=runs/e16
-S="--preset full --set train.epochs=16 --set replay.start_step=1455 --set replay.target_batch=10 $CHOICE"
+S="--preset full --set train.epochs=16 --set replay.target_batch=10 $CHOICE"
 timeout 240 python -m fastreplay.cli magic $S --targets 0:10 --run-dir $RUN --json --log-file $L | tee -a $R
 du -sh $RUN/run.zarr | tee -a $R
 cp $RUN/plots/target_00002.png $OUT/ 2>/dev/null

@@ -16,7 +16,7 @@ for m in (1, 4, 8):
 print(json.dumps(out))
 PY
 RUN=runs/window
-S="--preset full --set train.tf32=true --set replay.start_step=873 --set replay.target_batch=8"
+S="--preset full --set train.tf32=true --set replay.window_epochs=0 --set replay.start_step=873 --set replay.target_batch=8"
 timeout 200 python -m fastreplay.cli magic $S --targets 0:8 --run-dir $RUN --json --log-file $OUT/window.log | tee $OUT/window.json
 cp $RUN/plots/target_00002.png $OUT/ 2>/dev/null
 timeout 150 python -m fastreplay.cli smoothness --run-dir $RUN --json --log-file $OUT/smooth.log | tee $OUT/smoothness.json

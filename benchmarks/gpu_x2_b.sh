@@ -19,8 +19,8 @@ sweep() {  # name, overrides...: train, replay 5 targets, smoothness, 20-model L
   python -m fastreplay lds --run-dir runs/$name --models 20 --keep 0.99 --json --no-plots \
     --log-file $OUT/sweep.log >> $OUT/sweep_$name.txt 2>>$OUT/sweep.log
 }
-( sweep w2 --set replay.start_step=1358; \
-  sweep e10 --set train.epochs=10 --set replay.start_step=873 ) &
+( sweep w2 --set replay.window_epochs=2; \
+  sweep e10 --set train.epochs=10 ) &
 t0=$(date +%s)
 CUDA_VISIBLE_DEVICES=0 timeout 400 python -m fastreplay lds --run-dir runs/full --models 100 \
   --keep 0.95 --json --log-file $L 2>>$L | tee -a $R

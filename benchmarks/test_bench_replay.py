@@ -23,7 +23,7 @@ CUDA = torch.cuda.is_available()
 @pytest.fixture(scope="module")
 def recipe():
     if CUDA:
-        cfg = load_config("full", overrides=["train.epochs=1", "replay.start_step=0",
+        cfg = load_config("full", overrides=["train.epochs=1", "replay.window_epochs=0",
                                              "train.tf32=true"])
     else:
         cfg = load_config("test")

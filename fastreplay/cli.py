@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import sys
@@ -36,8 +37,21 @@ def _config(preset: str, config: Optional[Path], sets: Optional[List[str]]):
     return load_config(preset, config, sets or [])
 
 
+def _strict_json(obj):
+    """NaN and infinities (undefined correlations, say) as null: strict JSON parsers reject them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return _strict_json(obj.tolist())
+    return obj
+
+
 def _echo_json(obj) -> None:
-    typer.echo(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    typer.echo(json.dumps(_strict_json(obj), default=str, allow_nan=False))
 
 
 @app.command()

@@ -80,6 +80,14 @@ class Recipe:
         self.indices_np = batch_schedule(n, b, cfg.train.epochs, cfg.seed)
         self.indices = torch.from_numpy(self.indices_np).to(self.device)
         self.num_steps = self.indices_np.shape[0]
+        if cfg.replay.window_epochs > 0:
+            # Resolved in place, so that the config saved with the run says which steps it means.
+            per_epoch = self.num_steps // cfg.train.epochs
+            window = max(1, round(cfg.replay.window_epochs * per_epoch))
+            if window > self.num_steps:
+                raise ConfigError(f"replay.window_epochs={cfg.replay.window_epochs:g} exceeds the "
+                                  f"{cfg.train.epochs} training epochs; use at most that")
+            cfg.replay.start_step, cfg.replay.window_epochs = self.num_steps - window, 0.0
         if cfg.replay.start_step >= self.num_steps:
             raise ConfigError(f"replay.start_step={cfg.replay.start_step} is not below the "
                               f"{self.num_steps} training steps")

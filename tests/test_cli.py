@@ -75,3 +75,11 @@ def test_window_scores_are_stored_apart(cli, tmp_path):
     full, _ = store.read_scores("loss")
     window, _ = store.read_scores("loss_from4")
     assert not (full == window).all()
+
+
+def test_json_output_is_strict():
+    """Undefined statistics (NaN) print as null, never as the non-JSON token NaN."""
+    import numpy as np
+    from fastreplay.cli import _strict_json
+    assert _strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": np.array([np.nan, 2.0])}) \
+        == {"a": None, "b": [1.0, None], "c": [None, 2.0]}

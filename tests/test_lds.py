@@ -134,3 +134,16 @@ def test_channels_last_runs_train_one_model_at_a_time():
     for j in range(2):
         assert torch.equal(many.theta[j], train(recipe, w[j]).theta)
     assert choose_models_per_batch(recipe, 10) == 1
+
+
+def test_window_epochs_resolve_to_the_last_steps():
+    from fastreplay.recipe import Recipe
+    cfg = load_config("test", overrides=OVERRIDES + ["replay.window_epochs=0.5"])
+    recipe = Recipe(cfg)  # 2 epochs of 10 steps: the last half epoch is steps 15..19
+    assert cfg.replay.start_step == 15 and cfg.replay.window_epochs == 0
+    with pytest.raises(ConfigError, match="both set"):
+        load_config("test", overrides=OVERRIDES + ["replay.window_epochs=1",
+                                                   "replay.start_step=3"])
+    with pytest.raises(ConfigError, match="exceeds"):
+        Recipe(load_config("test", overrides=OVERRIDES + ["replay.window_epochs=3"]))
+    assert recipe.num_steps == 20
