@@ -43,14 +43,15 @@ def main():
     gb = torch.randn(K, r.model.num_params, device=r.device, dtype=r.dtype)
     bb = torch.randn(K, r.model.num_buffers, device=r.device, dtype=r.dtype)
     results = {}
-    for hvp in ("reverse", "forward"):
+    for hvp in ("reverse", "forward", "forward-vmap"):
         r.cfg = dataclasses.replace(cfg, replay=dataclasses.replace(cfg.replay, hvp=hvp))
         for k in (1, K):
             out[f"{hvp}_K{k}_s"] = timed(
                 lambda: step_vjp(r, st.theta, st.buffers, 0, gb[:k], bb[:k]), reps=3)
         results[hvp] = step_vjp(r, st.theta, st.buffers, 0, gb, bb)
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
-    out["forward_vs_reverse_rel"] = [rel(results["forward"][i], results["reverse"][i]) for i in (0, 1)]
+    for h in ("forward", "forward-vmap"):
+        out[f"{h}_vs_reverse_rel"] = [rel(results[h][i], results["reverse"][i]) for i in (0, 1)]
     out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     print(json.dumps(out))
 

@@ -109,9 +109,10 @@ class ReplayConfig:
     """Measurements replayed together in one reverse pass."""
     hvp: str = "auto"
     """How a reverse step gets H v and the weight term: reverse (double backward), forward
-    (forward-over-reverse, torch.func.jvp) or auto (forward on CUDA, where it measured 1.3x
-    faster in fp32 on the H100; reverse on the CPU, where it is faster). Same values up to
-    rounding."""
+    (forward-over-reverse, torch.func.jvp, one measurement per pass), forward-vmap (the K
+    measurements of a pass vmapped through one primal pass; their last bits then depend on K)
+    or auto (forward on CUDA, where it measured 1.3x faster in fp32 on the H100; reverse on the
+    CPU, where it is faster). Same values up to rounding."""
 
 
 @dataclass
@@ -272,8 +273,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(r.tree_arity >= 2, "replay.tree_arity must be >= 2")
     need(r.backend in ("auto", "fused", "reference"), "replay.backend must be auto, fused or reference")
     need(r.target_batch >= 1, "replay.target_batch must be >= 1")
-    need(r.hvp in ("auto", "reverse", "forward"),
-         f"replay.hvp={r.hvp!r}: use auto, reverse or forward")
+    need(r.hvp in ("auto", "reverse", "forward", "forward-vmap"),
+         f"replay.hvp={r.hvp!r}: use auto, reverse, forward or forward-vmap")
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
          f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
     return cfg

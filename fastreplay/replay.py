@@ -39,8 +39,9 @@ def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, ste
              g_bar: torch.Tensor, b_bar: torch.Tensor):
     """(H g_bar + rho J^T b_bar) (K, P) and d<grad L_t, g_bar>/dw for the batch (K, B)."""
     hvp = recipe.cfg.replay.hvp
-    if hvp == "forward" or (hvp == "auto" and recipe.device.type == "cuda"):
-        return _step_vjp_forward(recipe, theta_t, buffers_t, step, g_bar, b_bar)
+    if hvp in ("forward", "forward-vmap") or (hvp == "auto" and recipe.device.type == "cuda"):
+        return _step_vjp_forward(recipe, theta_t, buffers_t, step, g_bar, b_bar,
+                                 batched=hvp == "forward-vmap")
     theta = theta_t.detach().requires_grad_(True)
     w = recipe.ones()[recipe.indices[step]].requires_grad_(True)
     loss, new_buffers = recipe.batch_loss(theta, buffers_t, step, w)
@@ -59,15 +60,16 @@ def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, ste
 
 
 def _step_vjp_forward(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, step: int,
-                      g_bar: torch.Tensor, b_bar: torch.Tensor):
+                      g_bar: torch.Tensor, b_bar: torch.Tensor, batched: bool = False):
     """Forward-over-reverse: one jvp of theta -> grad L_t along g_bar.
 
     The running-statistics term rides along for free: with G(theta, c) = grad_theta [L_t(theta)
     + <b_{t+1}(theta), c>] taken at c = 0 in direction (g_bar, b_bar), the tangent is exactly
     H g_bar + rho J^T b_bar (the second-order term in c vanishes at c = 0). The tangents of the
-    per-example losses are <grad loss_i, g_bar>, i.e. B times the weight derivative. One target
-    per jvp, so a target's scores do not depend on which targets share its pass (bitwise equal
-    under sharding).
+    per-example losses are <grad loss_i, g_bar>, i.e. B times the weight derivative. Unbatched:
+    one target per jvp, so a target's scores do not depend on which targets share its pass
+    (bitwise equal under sharding); batched (replay.hvp = forward-vmap): the K tangents share one
+    primal pass, and their last bits depend on K (kernels block by batch size).
     """
     w = recipe.ones()[recipe.indices[step]]
     size = w.shape[0]
@@ -78,12 +80,16 @@ def _step_vjp_forward(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Te
 
     grad_fn = torch.func.grad(objective, has_aux=True)
     c0 = torch.zeros_like(buffers_t)
-    hvps, wgrads = [], []
-    for k in range(g_bar.shape[0]):
-        _, (h, dlosses) = torch.func.jvp(grad_fn, (theta_t.detach(), c0), (g_bar[k], b_bar[k]))
-        hvps.append(h)
-        wgrads.append(dlosses / size)
-    return torch.stack(hvps), torch.stack(wgrads)
+    theta = theta_t.detach()
+
+    def tangents(g, b):
+        _, (h, dlosses) = torch.func.jvp(grad_fn, (theta, c0), (g, b))
+        return h, dlosses / size
+
+    if batched:  # one primal pass, the K tangents vmapped through it
+        return torch.func.vmap(tangents)(g_bar, b_bar)
+    outs = [tangents(g_bar[k], b_bar[k]) for k in range(g_bar.shape[0])]
+    return torch.stack([h for h, _ in outs]), torch.stack([w for _, w in outs])
 
 
 def reverse_states(recipe: Recipe, state: TrainState, end: int, arity: int, ones: torch.Tensor,

@@ -21,7 +21,7 @@ def _cfg(*extra):
 
 @pytest.mark.parametrize("model", ["tiny-cnn", "mlp"])
 @pytest.mark.parametrize("backend,hvp", [("reference", "reverse"), ("fused", "reverse"),
-                                         ("fused", "forward")])
+                                         ("fused", "forward"), ("fused", "forward-vmap")])
 def test_replay_equals_unrolled_oracle(model, backend, hvp, tmp_path):
     if backend == "fused" and not kernels.extension_loaded():
         pytest.skip(f"compiled extension not loaded: {kernels.extension_error()}")
