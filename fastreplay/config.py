@@ -80,6 +80,11 @@ class TrainConfig:
     channels_last: bool = False
     """Run convolutions in NHWC layout (faster on tensor-core GPUs; changes rounding, so it is
     part of the run's fingerprint)."""
+    bf16: bool = False
+    """Mixed precision: convolutions and matmuls in bfloat16 (inputs and weights cast, bf16
+    outputs); BatchNorm, activations, parameters, optimizer and losses in float32. Needs dtype
+    float32. Training, replay and retraining run the same network, so scores are the exact
+    derivatives of that network's run."""
 
 
 @dataclass
@@ -99,10 +104,10 @@ class ReplayConfig:
     tree_arity: int = 4
     """k of the tree schedule."""
     start_step: int = 0
+    """Data weights act from this step on (attribution window); the reverse pass stops here."""
     window_epochs: float = 0.0
     """When > 0: attribute only the last this-many epochs (sets start_step once the number of
     steps is known; the saved config holds the resolved start_step). Excludes start_step."""
-    """Data weights act from this step on (attribution window); the reverse pass stops here."""
     backend: str = "auto"
     """Optimizer-adjoint implementation: auto | fused | reference."""
     target_batch: int = 16
@@ -113,6 +118,10 @@ class ReplayConfig:
     measurements of a pass vmapped through one primal pass; their last bits then depend on K)
     or auto (forward on CUDA, where it measured 1.3x faster in fp32 on the H100; reverse on the
     CPU, where it is faster). Same values up to rounding."""
+    compile: bool = False
+    """torch.compile the forward-over-reverse step (hvp auto, forward, forward-vmap): fuses the
+    elementwise tangent work; one compilation per replay process (tens of seconds), values
+    equal to the eager step up to rounding."""
 
 
 @dataclass
@@ -135,6 +144,8 @@ class RunConfig:
         d.pop("measure")
         d["replay"] = {"checkpoint_every": self.replay.checkpoint_every}
         d.pop("device")
+        if not self.train.bf16:  # added later: runs without it keep their fingerprints
+            d["train"].pop("bf16")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -258,6 +269,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.bias_lr_scale > 0, "train.bias_lr_scale must be > 0")
     need(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
     need(t.dtype in ("float32", "float64"), f"train.dtype={t.dtype!r}: use float32 or float64")
+    need(not t.bf16 or t.dtype == "float32",
+         "train.bf16 mixes bfloat16 into a float32 run; add --set train.dtype=float32")
     need(cfg.measure.kind in ("loss", "margin"), f"measure.kind={cfg.measure.kind!r}: use loss or margin")
     r = cfg.replay
     need(r.checkpoint_every >= 1, "replay.checkpoint_every must be >= 1")
@@ -275,6 +288,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(r.target_batch >= 1, "replay.target_batch must be >= 1")
     need(r.hvp in ("auto", "reverse", "forward", "forward-vmap"),
          f"replay.hvp={r.hvp!r}: use auto, reverse, forward or forward-vmap")
+    need(not (r.compile and r.hvp == "reverse"),
+         "replay.compile applies to the forward-over-reverse step; use --set replay.hvp=forward "
+         "(or auto) with it, or drop replay.compile")
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
          f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
     return cfg

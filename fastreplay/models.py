@@ -43,6 +43,10 @@ class BatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
+        # In the run's precision (with train.bf16 the convolution before returns bf16): CUDA's
+        # forward-mode BatchNorm formulas give float32 tangents for bf16 inputs, which the
+        # next bf16 convolution's derivative then refuses.
+        x = x.to(self.running_mean.dtype)
         if self.training:
             dims = [0] + list(range(2, x.dim()))
             var, mean = torch.var_mean(x, dim=dims, correction=0)
@@ -53,6 +57,35 @@ class BatchNorm(nn.Module):
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, BN_EPS)
         scale = self.weight * torch.rsqrt(self.running_var + BN_EPS)
         return (x - self.running_mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that computes in ``compute_dtype`` when set (train.bf16), casting input and
+    weight as torch.autocast would, and returns bf16 (BatchNorm takes it back to float32).
+    Explicit casts, because autocast under torch.func.jvp leaves some inputs uncast ("Input
+    type and weight type should be the same"); casts differentiate in every mode."""
+
+    compute_dtype = None
+
+    def forward(self, x):
+        cd = self.compute_dtype
+        if cd is None:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.to(cd)
+        return self._conv_forward(x.to(cd), self.weight.to(cd), bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with Conv2d's ``compute_dtype``."""
+
+    compute_dtype = None
+
+    def forward(self, x):
+        cd = self.compute_dtype
+        if cd is None:
+            return super().forward(x)
+        return F.linear(x.to(cd), self.weight.to(cd),
+                        None if self.bias is None else self.bias.to(cd))
 
 
 class GlobalPool(nn.Module):
@@ -72,7 +105,7 @@ def _act(name: str) -> nn.Module:
 
 
 def _conv_bn(c_in: int, c_out: int, act: str, rho: float) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), BatchNorm(c_out, rho),
+    return nn.Sequential(Conv2d(c_in, c_out, 3, padding=1, bias=False), BatchNorm(c_out, rho),
                          _act(act))
 
 
@@ -98,7 +131,7 @@ class ResNet9(nn.Module):
             _conv_bn(c[2], c[3], act, rho), down(), Residual(c[3], act, rho),
         )
         self.global_pool = GlobalPool(pool)
-        self.head = nn.Linear(c[3], num_classes, bias=False)
+        self.head = Linear(c[3], num_classes, bias=False)
         self.output_scale = output_scale
 
     def forward(self, x):
@@ -112,7 +145,7 @@ class TinyCNN(nn.Module):
         super().__init__()
         c = max(2, int(round(16 * width)))
         self.net = nn.Sequential(_conv_bn(3, c, act, rho), nn.AvgPool2d(2), _conv_bn(c, c, act, rho),
-                                 GlobalPool("avg"), nn.Linear(c, num_classes))
+                                 GlobalPool("avg"), Linear(c, num_classes))
 
     def forward(self, x):
         return self.net(x)
@@ -121,8 +154,8 @@ class TinyCNN(nn.Module):
 class MLP(nn.Module):
     def __init__(self, in_features: int, hidden: int, num_classes: int, act: str):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), _act(act),
-                                 nn.Linear(hidden, num_classes))
+        self.net = nn.Sequential(nn.Flatten(), Linear(in_features, hidden), _act(act),
+                                 Linear(hidden, num_classes))
 
     def forward(self, x):
         return self.net(x)
@@ -162,6 +195,9 @@ class FlatModel:
         self.module = module.to(device)
         self.bn_momentum = cfg.model.bn_momentum
         self.channels_last = cfg.train.channels_last
+        for layer in module.modules():
+            if isinstance(layer, (Conv2d, Linear)):
+                layer.compute_dtype = torch.bfloat16 if cfg.train.bf16 else None
         named = dict(module.named_parameters())
         decay = [n for n, p in named.items() if p.dim() >= 2]
         no_decay = [n for n, p in named.items() if p.dim() < 2]
@@ -195,6 +231,7 @@ class FlatModel:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = functional_call(self.module, tensors, (x,))
+        logits = logits.to(theta.dtype)  # losses and measurements in the run's precision
         if not train:
             return logits, None
         if not self.bn_layers:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from .faults import crash_point
@@ -22,11 +21,8 @@ from .train import _NanWatch, run_steps
 
 
 def _make_step(recipe: Recipe):
-    model, cfg = recipe.model, recipe.cfg.train
-
     def loss_fn(theta, buffers, w_batch, x, y):
-        logits, new_buffers = model.forward(theta, buffers, x, train=True)
-        losses = F.cross_entropy(logits, y, reduction="none", label_smoothing=cfg.label_smoothing)
+        losses, new_buffers = recipe.losses(theta, buffers, x, y)
         loss = (w_batch * losses).sum() / x.shape[0]
         return loss, (new_buffers, loss)
 
@@ -50,8 +46,7 @@ def train_many(recipe: Recipe, weights: torch.Tensor, num_steps: int | None = No
     cfg = recipe.cfg.train
     for t in range(init.step, recipe.num_steps if num_steps is None else num_steps):
         idx = recipe.indices[t]
-        x = recipe.data.train_batch(idx, t)
-        y = recipe.data.train_y[idx]
+        x, y = recipe.batch_inputs(t)
         w = weights[:, idx] if t >= recipe.cfg.replay.start_step else ones[idx].expand(m, -1)
         grads, (new_buffers, losses) = step_fn(state.theta, state.buffers, w, x, y)
         sgd_step_(state.theta, state.momentum, grads, recipe.model.group_ends, recipe.lrs[t],

@@ -118,19 +118,28 @@ class Recipe:
         """Data weights act only from replay.start_step on; before it every run is identical."""
         return weights if step >= self.cfg.replay.start_step else self.ones()
 
-    def batch_losses(self, theta: torch.Tensor, buffers: torch.Tensor, step: int,
-                     present: Optional[torch.Tensor] = None):
-        """Per-example losses on step's augmented batch (only the ``present`` slots when given)
-        and the updated running statistics."""
+    def batch_inputs(self, step: int, present: Optional[torch.Tensor] = None):
+        """Step's augmented batch (x, y), only the ``present`` slots when given."""
         idx = self.indices[step]
         x = self.data.train_batch(idx, step)
         y = self.data.train_y[idx]
         if present is not None:
             x, y = x[present], y[present]
+        return x, y
+
+    def losses(self, theta: torch.Tensor, buffers: torch.Tensor, x: torch.Tensor,
+               y: torch.Tensor):
+        """Per-example training losses on (x, y) and the updated running statistics: a pure
+        function of tensors (what torch.func and torch.compile transform)."""
         logits, new_buffers = self.model.forward(theta, buffers, x, train=True)
         losses = F.cross_entropy(logits, y, reduction="none",
                                  label_smoothing=self.cfg.train.label_smoothing)
         return losses, new_buffers
+
+    def batch_losses(self, theta: torch.Tensor, buffers: torch.Tensor, step: int,
+                     present: Optional[torch.Tensor] = None):
+        """Per-example losses on step's augmented batch and the updated running statistics."""
+        return self.losses(theta, buffers, *self.batch_inputs(step, present))
 
     def batch_loss(self, theta: torch.Tensor, buffers: torch.Tensor, step: int,
                    batch_weights: torch.Tensor, present: Optional[torch.Tensor] = None):

@@ -8,12 +8,14 @@ Per reverse step t (adjoints carried for all K measurements):
   1. optimizer adjoint (elementwise, fused when built): g_bar, m_bar, theta_bar += wd * g_bar
   2. at theta_t, for Q_k = <grad L_t, g_bar_k> + <b_{t+1}(theta), b_bar_k>: d/dtheta gives
      H g_bar + rho J^T b_bar, d/dw the score increments of the batch; computed by a
-     double backward (replay.hvp = reverse) or forward-over-reverse (replay.hvp = forward).
+     double backward (replay.hvp = reverse) or forward-over-reverse (replay.hvp = forward,
+     optionally vmapped over the K measurements and torch.compiled).
   3. b_bar *= (1 - rho)
 """
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,12 +41,21 @@ def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, ste
              g_bar: torch.Tensor, b_bar: torch.Tensor):
     """(H g_bar + rho J^T b_bar) (K, P) and d<grad L_t, g_bar>/dw for the batch (K, B)."""
     hvp = recipe.cfg.replay.hvp
-    if hvp in ("forward", "forward-vmap") or (hvp == "auto" and recipe.device.type == "cuda"):
-        return _step_vjp_forward(recipe, theta_t, buffers_t, step, g_bar, b_bar,
-                                 batched=hvp == "forward-vmap")
+    x, y = recipe.batch_inputs(step)
+    w = torch.ones(x.shape[0], dtype=recipe.dtype, device=recipe.device)
+    auto_forward = recipe.device.type == "cuda" or recipe.cfg.replay.compile
+    if hvp in ("forward", "forward-vmap") or (hvp == "auto" and auto_forward):
+        batched = hvp == "forward-vmap"
+        fn = _tangent_fn(recipe, batched)
+        theta = theta_t.detach()
+        if batched:  # one primal pass, the K tangents vmapped through it
+            return fn(theta, buffers_t, x, y, w, g_bar, b_bar)
+        outs = [fn(theta, buffers_t, x, y, w, g_bar[k], b_bar[k]) for k in range(g_bar.shape[0])]
+        return torch.stack([h for h, _ in outs]), torch.stack([d for _, d in outs])
     theta = theta_t.detach().requires_grad_(True)
-    w = recipe.ones()[recipe.indices[step]].requires_grad_(True)
-    loss, new_buffers = recipe.batch_loss(theta, buffers_t, step, w)
+    w.requires_grad_(True)
+    losses, new_buffers = recipe.losses(theta, buffers_t, x, y)
+    loss = (w * losses).sum() / x.shape[0]
     (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
     hvps, wgrads = [], []
     k_total = g_bar.shape[0]
@@ -59,37 +70,43 @@ def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, ste
     return torch.stack(hvps), torch.stack(wgrads)
 
 
-def _step_vjp_forward(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, step: int,
-                      g_bar: torch.Tensor, b_bar: torch.Tensor, batched: bool = False):
-    """Forward-over-reverse: one jvp of theta -> grad L_t along g_bar.
+_TANGENT_FNS: "weakref.WeakKeyDictionary[Recipe, dict]" = weakref.WeakKeyDictionary()
+
+
+def _tangent_fn(recipe: Recipe, batched: bool):
+    """The forward-over-reverse step as a pure function of tensors, built (and compiled, with
+    replay.compile) once per recipe: (theta, buffers, x, y, w, g, b) -> (H g + rho J^T b, dlosses).
 
     The running-statistics term rides along for free: with G(theta, c) = grad_theta [L_t(theta)
-    + <b_{t+1}(theta), c>] taken at c = 0 in direction (g_bar, b_bar), the tangent is exactly
-    H g_bar + rho J^T b_bar (the second-order term in c vanishes at c = 0). The tangents of the
-    per-example losses are <grad loss_i, g_bar>, i.e. B times the weight derivative. Unbatched:
+    + <b_{t+1}(theta), c>] taken at c = 0 in direction (g, b), the tangent is exactly
+    H g + rho J^T b (the second-order term in c vanishes at c = 0). The tangents of the
+    per-example losses are <grad loss_i, g>, i.e. B times the weight derivative. Unbatched:
     one target per jvp, so a target's scores do not depend on which targets share its pass
     (bitwise equal under sharding); batched (replay.hvp = forward-vmap): the K tangents share one
     primal pass, and their last bits depend on K (kernels block by batch size).
     """
-    w = recipe.ones()[recipe.indices[step]]
-    size = w.shape[0]
+    key = (batched, recipe.cfg.replay.compile)
+    fns = _TANGENT_FNS.setdefault(recipe, {})
+    if key in fns:
+        return fns[key]
 
-    def objective(theta, c):
-        losses, new_buffers = recipe.batch_losses(theta, buffers_t, step)
-        return (w * losses).sum() / size + (new_buffers * c).sum(), losses
+    def tangents(theta, buffers, x, y, w, g, b):
+        size = x.shape[0]
 
-    grad_fn = torch.func.grad(objective, has_aux=True)
-    c0 = torch.zeros_like(buffers_t)
-    theta = theta_t.detach()
+        def objective(th, c):
+            losses, new_buffers = recipe.losses(th, buffers, x, y)
+            return (w * losses).sum() / size + (new_buffers * c).sum(), losses
 
-    def tangents(g, b):
-        _, (h, dlosses) = torch.func.jvp(grad_fn, (theta, c0), (g, b))
+        c0 = torch.zeros_like(buffers)
+        _, (h, dlosses) = torch.func.jvp(torch.func.grad(objective, has_aux=True), (theta, c0),
+                                         (g, b))
         return h, dlosses / size
 
-    if batched:  # one primal pass, the K tangents vmapped through it
-        return torch.func.vmap(tangents)(g_bar, b_bar)
-    outs = [tangents(g_bar[k], b_bar[k]) for k in range(g_bar.shape[0])]
-    return torch.stack([h for h, _ in outs]), torch.stack([w for _, w in outs])
+    fn = torch.func.vmap(tangents, in_dims=(None,) * 5 + (0, 0)) if batched else tangents
+    if recipe.cfg.replay.compile:
+        fn = torch.compile(fn, dynamic=False)
+    fns[key] = fn
+    return fn
 
 
 def reverse_states(recipe: Recipe, state: TrainState, end: int, arity: int, ones: torch.Tensor,
