@@ -141,6 +141,14 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
     return recipe, store
 
 
+def replay_passes(targets: list[int], batch: int) -> list[list[int]]:
+    """This rank's reverse passes (``batch`` targets each). Under torchrun ranks take whole
+    passes of the one-process split, so the passes, and the scores, are the same for any number
+    of ranks (bitwise, also where a measurement's last bits depend on its pass-mates, as with
+    the vmapped step on CUDA)."""
+    return shard([targets[lo:lo + batch] for lo in range(0, len(targets), batch)])
+
+
 def _merge_scores(store: RunStore, kind: str, targets: list[int], recipe: Recipe):
     """Scores for ``targets``, computing only those the store does not hold yet."""
     name = score_name(recipe.cfg)
@@ -155,11 +163,8 @@ def _merge_scores(store: RunStore, kind: str, targets: list[int], recipe: Recipe
                          "cannot be replayed; rerun with --force to retrain")
     extra = {"start_step": recipe.cfg.replay.start_step}
     if missing:
-        b = recipe.cfg.replay.target_batch
-        mine = shard(missing)  # under torchrun each rank replays its share
         new: dict[int, np.ndarray] = {}
-        for lo in range(0, len(mine), b):
-            chunk = mine[lo:lo + b]
+        for chunk in replay_passes(missing, recipe.cfg.replay.target_batch):
             res = replay(recipe, store, chunk, kind)
             seconds += res.seconds
             peak = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"

@@ -115,9 +115,10 @@ class ReplayConfig:
     hvp: str = "auto"
     """How a reverse step gets H v and the weight term: reverse (double backward), forward
     (forward-over-reverse, torch.func.jvp, one measurement per pass), forward-vmap (the K
-    measurements of a pass vmapped through one primal pass; their last bits then depend on K)
-    or auto (forward on CUDA, where it measured 1.3x faster in fp32 on the H100; reverse on the
-    CPU, where it is faster). Same values up to rounding."""
+    measurements of a pass vmapped through one primal pass: 1.7x faster at K = 10 in fp32 on
+    the H100, ~5.5 GB more GPU memory per measurement; their last bits depend on the pass)
+    or auto (CUDA: forward-vmap for K > 1, falling back to forward if it runs out of memory,
+    forward for K = 1; CPU: reverse, which is faster there). Same values up to rounding."""
     compile: bool = False
     """torch.compile the forward-over-reverse step (hvp auto, forward, forward-vmap): fuses the
     elementwise tangent work; one compilation per replay process (tens of seconds), values

@@ -37,19 +37,49 @@ class ReplayResult:
     seconds: float
 
 
+def hvp_mode(recipe: Recipe, k: int) -> str:
+    """replay.hvp resolved for a pass of k measurements. auto: on CUDA forward-over-reverse,
+    vmapped over the k measurements when k > 1 (1.7x faster at k = 10 in fp32 on the H100)
+    unless that ran out of memory before; on the CPU double backward (faster there), or
+    forward with replay.compile."""
+    hvp = recipe.cfg.replay.hvp
+    if hvp != "auto":
+        return hvp
+    if not _on_cuda(recipe):
+        return "forward" if recipe.cfg.replay.compile else "reverse"
+    if k > 1 and not _state(recipe).get("vmap_out_of_memory"):
+        return "forward-vmap"
+    return "forward"
+
+
+def _on_cuda(recipe: Recipe) -> bool:
+    return recipe.device.type == "cuda"
+
+
 def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, step: int,
              g_bar: torch.Tensor, b_bar: torch.Tensor):
     """(H g_bar + rho J^T b_bar) (K, P) and d<grad L_t, g_bar>/dw for the batch (K, B)."""
-    hvp = recipe.cfg.replay.hvp
+    mode = hvp_mode(recipe, g_bar.shape[0])
     x, y = recipe.batch_inputs(step)
     w = torch.ones(x.shape[0], dtype=recipe.dtype, device=recipe.device)
-    auto_forward = recipe.device.type == "cuda" or recipe.cfg.replay.compile
-    if hvp in ("forward", "forward-vmap") or (hvp == "auto" and auto_forward):
-        batched = hvp == "forward-vmap"
-        fn = _tangent_fn(recipe, batched)
+    if mode == "forward-vmap":  # one primal pass, the K tangents vmapped through it
+        try:
+            return _tangent_fn(recipe, True)(theta_t.detach(), buffers_t, x, y, w, g_bar, b_bar)
+        except torch.cuda.OutOfMemoryError:
+            if recipe.cfg.replay.hvp != "auto":
+                raise ReplayError(
+                    f"replay.hvp=forward-vmap ran out of GPU memory with {g_bar.shape[0]} "
+                    "measurements per pass; lower --set replay.target_batch or use "
+                    "--set replay.hvp=forward") from None
+            _state(recipe)["vmap_out_of_memory"] = True
+            torch.cuda.empty_cache()
+            log.warning("vmapping %d measurements ran out of GPU memory; replaying them one "
+                        "per pass from here on (lower replay.target_batch to keep the faster "
+                        "vmapped pass)", g_bar.shape[0])
+            mode = "forward"
+    if mode == "forward":
+        fn = _tangent_fn(recipe, False)
         theta = theta_t.detach()
-        if batched:  # one primal pass, the K tangents vmapped through it
-            return fn(theta, buffers_t, x, y, w, g_bar, b_bar)
         outs = [fn(theta, buffers_t, x, y, w, g_bar[k], b_bar[k]) for k in range(g_bar.shape[0])]
         return torch.stack([h for h, _ in outs]), torch.stack([d for _, d in outs])
     theta = theta_t.detach().requires_grad_(True)
@@ -70,7 +100,13 @@ def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, ste
     return torch.stack(hvps), torch.stack(wgrads)
 
 
-_TANGENT_FNS: "weakref.WeakKeyDictionary[Recipe, dict]" = weakref.WeakKeyDictionary()
+_RECIPE_STATE: "weakref.WeakKeyDictionary[Recipe, dict]" = weakref.WeakKeyDictionary()
+
+
+def _state(recipe: Recipe) -> dict:
+    """What the replay learns about a recipe once per process: built (compiled) step
+    functions, whether vmapping ran out of memory."""
+    return _RECIPE_STATE.setdefault(recipe, {})
 
 
 def _tangent_fn(recipe: Recipe, batched: bool):
@@ -85,8 +121,8 @@ def _tangent_fn(recipe: Recipe, batched: bool):
     (bitwise equal under sharding); batched (replay.hvp = forward-vmap): the K tangents share one
     primal pass, and their last bits depend on K (kernels block by batch size).
     """
-    key = (batched, recipe.cfg.replay.compile)
-    fns = _TANGENT_FNS.setdefault(recipe, {})
+    key = ("tangents", batched, recipe.cfg.replay.compile)
+    fns = _state(recipe)
     if key in fns:
         return fns[key]
 

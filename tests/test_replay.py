@@ -80,3 +80,41 @@ def test_replay_detects_a_tampered_checkpoint(tmp_path):
     store.flush()
     with pytest.raises(ReplayError, match="bit for bit"):
         replay(recipe, store, [0], "loss")
+
+
+def _with_vmap_out_of_memory(monkeypatch):
+    """Pretend to be on CUDA with a vmapped step that runs out of memory."""
+    from fastreplay import replay as replay_mod
+    real = replay_mod._tangent_fn
+
+    def tangent_fn(recipe, batched):
+        if not batched:
+            return real(recipe, batched)
+
+        def out_of_memory(*args):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return out_of_memory
+    monkeypatch.setattr(replay_mod, "_on_cuda", lambda recipe: True)
+    monkeypatch.setattr(replay_mod, "_tangent_fn", tangent_fn)
+
+
+def test_auto_falls_back_to_one_measurement_per_pass_when_vmap_runs_out_of_memory(
+        tmp_path, monkeypatch, caplog):
+    from fastreplay.replay import hvp_mode
+    recipe, store = open_or_train(_cfg("replay.hvp=forward"), tmp_path)
+    expected = replay(recipe, store, [1, 4], "loss").scores
+    recipe.cfg.replay.hvp = "auto"
+    _with_vmap_out_of_memory(monkeypatch)
+    assert hvp_mode(recipe, 2) == "forward-vmap" and hvp_mode(recipe, 1) == "forward"
+    got = replay(recipe, store, [1, 4], "loss").scores
+    np.testing.assert_array_equal(got, expected)
+    assert hvp_mode(recipe, 2) == "forward"  # remembered: no second try
+    assert sum("ran out of GPU memory" in r.message for r in caplog.records) == 1
+
+
+def test_explicit_vmap_out_of_memory_is_one_clear_error(tmp_path, monkeypatch):
+    from fastreplay.exceptions import ReplayError
+    recipe, store = open_or_train(_cfg("replay.hvp=forward-vmap"), tmp_path)
+    _with_vmap_out_of_memory(monkeypatch)
+    with pytest.raises(ReplayError, match="replay.target_batch"):
+        replay(recipe, store, [1, 4], "loss")
