@@ -156,7 +156,7 @@ def bench_replay(cfg, targets: int = 4, steps: int = 5) -> dict:
 
     from .kernels import sgd_adjoint_
     from .recipe import Recipe
-    from .replay import replay, step_vjp
+    from .replay import hvp_mode, replay, step_vjp
     from .store import RunStore, versions
     from .train import train, train_into_store
 
@@ -172,7 +172,8 @@ def bench_replay(cfg, targets: int = 4, steps: int = 5) -> dict:
     out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "params": recipe.model.num_params, "steps": recipe.num_steps,
            "replayed_steps": recipe.num_steps - cfg.replay.start_step,
-           "tf32": cfg.train.tf32, "channels_last": cfg.train.channels_last,
+           "tf32": cfg.train.tf32, "bf16": cfg.train.bf16,
+           "channels_last": cfg.train.channels_last, "compile": cfg.replay.compile,
            "train_step_s": _time(one_step, dev, reps=steps, warm=2),
            "eager_nn_train_step_s": _time(_eager_nn_step(cfg, dev), dev, reps=steps, warm=2)}
     # The faster of the two training steps: a slow training step must not flatter a ratio.
@@ -194,7 +195,10 @@ def bench_replay(cfg, targets: int = 4, steps: int = 5) -> dict:
                 sgd_adjoint_(t_bar, m_bar, g_out, hvp, recipe.model.group_ends, recipe.lrs[0],
                              recipe.wds, cfg_t.momentum, cfg_t.nesterov, backend)
                 step_vjp(recipe, state.theta, state.buffers, 0, g_out, b_bar)
+            # The first call alone: it includes building (with replay.compile, compiling) the step.
+            out[f"{name}_replay_step_K{k}_first_s"] = _timed_once(reverse_step, dev)
             out[f"{name}_replay_step_K{k}_s"] = _time(reverse_step, dev, reps=steps, warm=1)
+            out[f"{name}_hvp_K{k}"] = hvp_mode(recipe, k)
         recipe.cfg = cfg
         out[f"fast_vs_reference_K{k}"] = (out[f"reference_replay_step_K{k}_s"]
                                           / out[f"fast_replay_step_K{k}_s"])
