@@ -54,7 +54,7 @@ def test_train_step(benchmark, recipe):
 
 
 @pytest.mark.parametrize("k", [1, 5])
-@pytest.mark.parametrize("hvp", ["reverse", "forward"])
+@pytest.mark.parametrize("hvp", ["reverse", "forward", "forward-vmap"])
 def test_replay_step(benchmark, recipe, hvp, k):
     base = recipe.cfg
     recipe.cfg = dataclasses.replace(base, replay=dataclasses.replace(base.replay, hvp=hvp))

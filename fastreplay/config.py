@@ -121,8 +121,9 @@ class ReplayConfig:
     forward for K = 1; CPU: reverse, which is faster there). Same values up to rounding."""
     compile: bool = False
     """torch.compile the forward-over-reverse step (hvp auto, forward, forward-vmap): fuses the
-    elementwise tangent work; one compilation per replay process (tens of seconds), values
-    equal to the eager step up to rounding."""
+    elementwise tangent work; one compilation per process and pass size (about a minute for
+    resnet9 on the H100); values equal to the eager step's up to rounding (3e-4 relative l2
+    on the fp32 full preset, 2e-14 in float64)."""
 
 
 @dataclass

@@ -99,17 +99,28 @@ def _with_vmap_out_of_memory(monkeypatch):
 
 
 def test_auto_falls_back_to_one_measurement_per_pass_when_vmap_runs_out_of_memory(
-        tmp_path, monkeypatch, caplog):
+        tmp_path, monkeypatch):
+    import logging
+
+    from fastreplay.progress import log
     from fastreplay.replay import hvp_mode
     recipe, store = open_or_train(_cfg("replay.hvp=forward"), tmp_path)
     expected = replay(recipe, store, [1, 4], "loss").scores
     recipe.cfg.replay.hvp = "auto"
     _with_vmap_out_of_memory(monkeypatch)
     assert hvp_mode(recipe, 2) == "forward-vmap" and hvp_mode(recipe, 1) == "forward"
-    got = replay(recipe, store, [1, 4], "loss").scores
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    log.addHandler(handler)  # the CLI's logging set-up may stop propagation to pytest's caplog
+    monkeypatch.setattr(log, "level", logging.INFO)
+    try:
+        got = replay(recipe, store, [1, 4], "loss").scores
+    finally:
+        log.removeHandler(handler)
     np.testing.assert_array_equal(got, expected)
     assert hvp_mode(recipe, 2) == "forward"  # remembered: no second try
-    assert sum("ran out of GPU memory" in r.message for r in caplog.records) == 1
+    assert sum("ran out of GPU memory" in m for m in warnings) == 1
 
 
 def test_explicit_vmap_out_of_memory_is_one_clear_error(tmp_path, monkeypatch):
