@@ -140,6 +140,8 @@ def _tangent_fn(recipe: Recipe, batched: bool):
 
     fn = torch.func.vmap(tangents, in_dims=(None,) * 5 + (0, 0)) if batched else tangents
     if recipe.cfg.replay.compile:
+        log.info("replay.compile: the first reverse step compiles the %s step (about a minute "
+                 "on a GPU; once per process and pass size)", "vmapped" if batched else "jvp")
         fn = torch.compile(fn, dynamic=False)
     fns[key] = fn
     return fn
