@@ -10,14 +10,14 @@ Spearman correlation. Exactness options change rounding only; this says how much
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 import numpy as np
 from scipy.stats import spearmanr
 
 from fastreplay.api import open_trained
-from fastreplay.config import score_name
+from fastreplay.bench import replay_variant
+from fastreplay.lds import stored_scores
 from fastreplay.replay import replay
 
 
@@ -28,12 +28,9 @@ def main():
     a = ap.parse_args()
     recipe, store = open_trained(a.run_dir)
     cfg = recipe.cfg
-    stored, attrs = store.read_scores(score_name(cfg))
-    targets = attrs["targets"]
+    stored, targets = stored_scores(recipe, store)
     for variant in a.variants:
-        hvp, _, compiled = variant.partition("+")
-        recipe.cfg = dataclasses.replace(cfg, replay=dataclasses.replace(
-            cfg.replay, hvp=hvp, compile=compiled == "compile"))
+        recipe.cfg = replay_variant(cfg, variant)
         res = replay(recipe, store, targets, cfg.measure.kind)
         diff = res.scores - stored
         scale = np.abs(stored).max(axis=1)

@@ -11,13 +11,12 @@ variant's largest deviation from the double-backward step relative to its larges
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
 import torch
 
-from fastreplay.bench import _eager_nn_step, _time
+from fastreplay.bench import _eager_nn_step, _time, replay_variant
 from fastreplay.config import load_config
 from fastreplay.recipe import Recipe
 from fastreplay.replay import step_vjp
@@ -52,9 +51,7 @@ def main():
     bb = torch.randn(K, r.model.num_buffers, device=dev, dtype=r.dtype, generator=gen)
     results = {}
     for variant in a.variants:
-        hvp, _, compiled = variant.partition("+")
-        r.cfg = dataclasses.replace(cfg, replay=dataclasses.replace(
-            cfg.replay, hvp=hvp, compile=compiled == "compile"))
+        r.cfg = replay_variant(cfg, variant)
         for k in sorted({1, K}):
             torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -100,6 +100,15 @@ def lock_run_dir(run_dir: str | Path, create: bool = True,
     return lock
 
 
+def _open_locked(path: str, lock: RunDirLock) -> RunStore:
+    """Open the store at ``path`` under the run directory's ``lock`` (kept in ``store.lock``)."""
+    store = RunStore.open(path)
+    store.lock = lock
+    if lock.owner:
+        store.remove_partial_files()  # left by a killed writer; we hold the lock
+    return store
+
+
 def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
                   download: bool = False, store_url: str | None = None) -> tuple[Recipe, RunStore]:
     """A store holding a finished run of ``cfg``: reused when present, else trained (or resumed).
@@ -115,10 +124,7 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
         if force and discard_store(path):
             log.info("--force: removed the existing run store %s", path)
         if RunStore.exists(path):
-            store = RunStore.open(path)
-            store.lock = lock
-            if lock.owner:
-                store.remove_partial_files()  # left by a killed writer; we hold the lock
+            store = _open_locked(path, lock)
             if store.fingerprint != cfg.fingerprint():
                 raise StoreError(f"{path} holds a run of a different config (fingerprint "
                                  f"{store.fingerprint} != {cfg.fingerprint()}); use another "
@@ -287,10 +293,7 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
     # With a remote store the local run directory (lock, plots) may not exist yet.
     lock = lock_run_dir(run_dir, create=is_remote(path), store=path)
     try:
-        store = RunStore.open(path)
-        store.lock = lock
-        if lock.owner:
-            store.remove_partial_files()  # left by a killed writer; we hold the lock
+        store = _open_locked(path, lock)
         cfg = config_from_dict(store.config)
         if join_torchrun:  # under torchrun this rank works on cuda:LOCAL_RANK (or the CPU)
             from .distributed import init_from_env

@@ -136,6 +136,15 @@ def _eager_nn_step(cfg, device: torch.device):
     return step
 
 
+def replay_variant(cfg, variant: str):
+    """``cfg`` with the replay step of ``variant``: an hvp mode, "+compile" for replay.compile
+    (e.g. "forward-vmap+compile"); what the benchmarks/ probes take on their command lines."""
+    import dataclasses
+    hvp, _, compiled = variant.partition("+")
+    return dataclasses.replace(cfg, replay=dataclasses.replace(
+        cfg.replay, hvp=hvp, compile=compiled == "compile"))
+
+
 def _timed_once(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -111,6 +111,12 @@ class Recipe:
         training updates states in place)."""
         return torch.tensor(np.asarray(array), device=self.device, dtype=self.dtype)
 
+    def stored_state(self, checkpoint) -> TrainState:
+        """A stored checkpoint (step, params, momentum, buffers) as a TrainState on the device."""
+        step, params, momentum, buffers = checkpoint
+        return TrainState(self.tensor(params), self.tensor(momentum), self.tensor(buffers),
+                          int(step))
+
     def ones(self) -> torch.Tensor:
         return torch.ones(self.num_train, dtype=self.dtype, device=self.device)
 

@@ -193,7 +193,6 @@ def _segments(checkpoint_steps: list[int], num_steps: int, start_step: int):
 
 def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult:
     """Exact scores d phi_k / d w_i for the targets, from the run held by ``store``."""
-    to = recipe.tensor
     stored_backend = store.get_attr("step_backend")
     if stored_backend and stored_backend != recipe.step_backend:
         raise ReplayError(f"the run was trained with the {stored_backend} step kernels but this "
@@ -201,7 +200,7 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
     slots_steps = [int(s) for s in store.checkpoint_steps()]
     if any(s < 0 for s in slots_steps):
         raise ReplayError(f"run store {store.path} has uncommitted checkpoints; finish training first")
-    final_params, final_buffers = map(to, store.read_final())
+    final_params, final_buffers = map(recipe.tensor, store.read_final())
     if recipe.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -223,8 +222,9 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
     # segment is rebuilt and replayed: disk time hides behind GPU time.
     with progress_bar(f"replay {len(targets)} target(s)", total) as advance:
         checkpoints = Prefetcher(store, [slot for _, _, slot in segments], depth=1)
-        for (begin, end, _), (_, (step, params, momentum, buffers)) in zip(segments, checkpoints):
-            state = TrainState(to(params), to(momentum), to(buffers), step)
+        for (begin, end, _), (_, checkpoint) in zip(segments, checkpoints):
+            state = recipe.stored_state(checkpoint)
+            stored_theta = state.theta.clone()  # the rebuild advances state in place
             if every:  # the stored state is theta_t itself: nothing to rebuild
                 states = [(state.step, state.theta, state.buffers)]
             else:
@@ -238,7 +238,7 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
                 b_bar.mul_(1 - rho)
                 scores[:, recipe.indices[t]] += wgrad.to(torch.float64)
                 advance()
-            next_state = to(params)
+            next_state = stored_theta
     del ones
     if recipe.device.type == "cuda":
         torch.cuda.synchronize()

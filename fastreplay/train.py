@@ -76,9 +76,7 @@ def window_start(recipe: Recipe, store) -> TrainState:
         usable = [j for j, s in enumerate(steps) if 0 <= s <= start]
         if usable:
             slot = max(usable, key=steps.__getitem__)
-            step, params, momentum, buffers = store.read_checkpoint(slot)
-            state = TrainState(recipe.tensor(params), recipe.tensor(momentum),
-                               recipe.tensor(buffers), int(step))
+            state = recipe.stored_state(store.read_checkpoint(slot))
     return run_steps(recipe, state, recipe.ones(), start, description="window start")
 
 
@@ -103,11 +101,8 @@ def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
     while prefix < len(committed) and committed[prefix] == steps[prefix]:
         prefix += 1
     if prefix:
-        slot = prefix - 1
-        step, params, momentum, buffers = store.read_checkpoint(slot)
-        to = recipe.tensor
-        state = TrainState(to(params), to(momentum), to(buffers), step)
-        log.info("resuming training from the checkpoint at step %d", step)
+        state = recipe.stored_state(store.read_checkpoint(prefix - 1))
+        log.info("resuming training from the checkpoint at step %d", state.step)
     else:
         store.write_schedule(recipe.indices_np.astype(np.int32), recipe.lrs)
         state = recipe.init_state()
