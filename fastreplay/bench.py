@@ -110,8 +110,8 @@ def bench_kernels(device: str = "cuda", num_params: int = 6_573_120, targets=(1,
 
 def _eager_nn_step(cfg, device: torch.device):
     """One step of the plain eager torch.nn training loop for the same model (channels_last where
-    the recipe is 4-D, torch.optim.SGD foreach, same batch size): the denominator issue 5 names,
-    so that a slow training step of ours cannot flatter any ratio."""
+    the recipe is 4-D, torch.optim.SGD foreach, same batch size): a baseline for the ratios'
+    denominator, so that a slow training step of ours cannot flatter any ratio."""
     import torch.nn.functional as F
 
     from .models import build_module
@@ -156,7 +156,7 @@ def _timed_once(fn, device: torch.device) -> float:
 
 
 def bench_replay(cfg, targets: int = 4, steps: int = 5) -> dict:
-    """Costs of the recipe ``cfg`` (issue 5's table): training step (ours and plain eager
+    """Costs of the recipe ``cfg``: training step (ours and plain eager
     torch.nn), reference and fast replay step (optimizer adjoint + H v + weight term) with their
     ratios, the training run with and without checkpoint streaming, real replays of 1 and K
     measurements over the configured window against the training run, disk and peak memory."""

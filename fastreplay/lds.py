@@ -1,4 +1,4 @@
-"""Linear datamodeling score (DESIGN.md section 2): do the scores predict counterfactual retraining?
+"""Linear datamodeling score (docs/design.md §11): do the scores predict counterfactual retraining?
 
 M seeded random subsets keep a fraction ``keep`` of the training set; model j retrains under the
 identical schedule with w = 1_{S_j} ("weight" removal: weight 0 in the same batch slots, exactly

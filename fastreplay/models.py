@@ -4,7 +4,7 @@ All parameters live in one flat vector ``theta`` with the parameter groups as co
 (decayed conv/linear weights first, then BatchNorm parameters and biases), and BatchNorm running
 statistics in one flat vector ``buffers``. :class:`FlatModel` evaluates the network at any
 (theta, buffers) and, in train mode, also returns the updated running statistics as a
-differentiable function of theta: the reverse pass needs their Jacobian (DESIGN.md section 1).
+differentiable function of theta: the reverse pass needs their Jacobian (docs/design.md §4).
 
 resnet9 is the Myrtle/MAGIC-style ResNet-9: prep conv(64w), conv(128w)+pool, residual block,
 conv(256w)+pool, conv(512w)+pool, residual block, global pool, linear head without bias whose

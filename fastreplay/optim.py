@@ -1,4 +1,4 @@
-"""SGD step and its exact adjoint over a flat parameter vector (DESIGN.md section 1).
+"""SGD step and its exact adjoint over a flat parameter vector (docs/design.md §2-§3).
 
 Parameters live in one flat vector whose parameter groups are contiguous slices: group g covers
 ``[group_ends[g-1], group_ends[g])`` and has its own learning rate and weight decay at each step.

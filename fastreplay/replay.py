@@ -1,4 +1,4 @@
-"""REPLAY: the exact reverse pass of DESIGN.md section 1, for K measurements at once.
+"""REPLAY: the exact reverse pass of docs/design.md §3-§7, for K measurements at once.
 
 States theta_t are rebuilt segment by segment (last segment first) from the stored checkpoints by
 re-running the deterministic forward steps; each rebuilt segment must land bit for bit on the

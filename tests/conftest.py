@@ -5,25 +5,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from fastreplay.cli import app
-
-def _find_shared() -> Path:
-    """The project's shared/ folder: beside the checkout (CI, sessions) or named by $FASTREPLAY_SHARED."""
-    if os.environ.get("FASTREPLAY_SHARED"):
-        return Path(os.environ["FASTREPLAY_SHARED"])
-    repo = Path(__file__).resolve().parents[1]
-    for cand in (repo.parent / "shared", repo / "shared"):
-        if (cand / "data").is_dir():
-            return cand
-    return repo.parent / "shared"
-
-
-SHARED = _find_shared()
 
 
 def cuda_available() -> bool:

@@ -53,13 +53,77 @@ def test_clean_checkpoints_keeps_scores(cli, tmp_path):
     assert proc.returncode == 2 and "--force" in proc.stderr
 
 
-def test_bench_replay_reports_ratios(cli):
+def test_bench_replay_reports_ratios(cli, tmp_path, monkeypatch):
+    """Every reported ratio is the quotient of the reported times, the K-measurement replays
+    replay K measurements, and store_bytes is the size on disk of the store the run streamed."""
+    import math
+    import tempfile
+
+    import numpy as np
+    import pytest
+
+    import fastreplay.replay
+    from fastreplay.recipe import Recipe
+
+    kept = tmp_path / "bench_tmp"  # keep the benchmark's temporary store to measure it
+    kept.mkdir()
+
+    class KeptDir:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return str(kept)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", KeptDir)
+    replays = []
+    real_replay = fastreplay.replay.replay
+
+    def spy(recipe, store, targets, kind):
+        res = real_replay(recipe, store, targets, kind)
+        replays.append((list(targets), kind, res))
+        return res
+    monkeypatch.setattr(fastreplay.replay, "replay", spy)
+
     out = cli.json("bench", "replay", "--device", "cpu", "--preset", "test", "--targets", "1,2")
+    cfg = load_config("test")
+    recipe = Recipe(cfg)
+    assert out["device"] == "cpu" and out["params"] == recipe.model.num_params
+    assert out["steps"] == cfg.train.epochs * (cfg.data.num_train // cfg.train.batch_size)
+    assert out["replayed_steps"] == out["steps"] - cfg.replay.start_step
+    times = ["train_step_s", "eager_nn_train_step_s", "train_run_s", "train_run_streaming_s"]
+    times += [f"{name}_replay_step_K{k}{first}_s" for name in ("reference", "fast")
+              for k in (1, 2) for first in ("", "_first")]
+    times += ["replay_K1_s", "replay_K2_s"]
+    assert sorted(times) == sorted(k for k in out if k.endswith("_s"))
+    assert all(math.isfinite(out[t]) and out[t] > 0 for t in times)
+    denominator = min(out["train_step_s"], out["eager_nn_train_step_s"])
+    approx = lambda x: pytest.approx(x, rel=1e-12)  # noqa: E731
     for k in (1, 2):
-        assert out[f"reference_replay_step_K{k}_s"] > 0 and out[f"fast_replay_step_K{k}_s"] > 0
-        assert out[f"replay_K{k}_s"] > 0 and out[f"replay_K{k}_per_measurement_over_train_run"] > 0
-    assert out["train_step_s"] > 0 and out["eager_nn_train_step_s"] > 0
-    assert out["store_bytes"] > 0 and "streaming_slowdown" in out
+        assert out[f"fast_vs_reference_K{k}"] == approx(
+            out[f"reference_replay_step_K{k}_s"] / out[f"fast_replay_step_K{k}_s"])
+        assert out[f"replay_run_per_measurement_K{k}_over_train_run"] == approx(
+            (out[f"fast_replay_step_K{k}_s"] + out["train_step_s"]) / k / denominator)
+        assert out[f"replay_K{k}_per_measurement_over_train_run"] == approx(
+            out[f"replay_K{k}_s"] / k / out["train_run_s"] * out["train_step_s"] / denominator)
+        assert out[f"reference_hvp_K{k}"] == "reverse"  # the reference path: double backward
+        assert out[f"fast_hvp_K{k}"] in ("reverse", "forward", "forward-vmap")
+    assert out["streaming_slowdown"] == approx(out["train_run_streaming_s"] / out["train_run_s"] - 1)
+    # The K-measurement replays: targets 0..K-1, scores (K, N), the time reported is theirs.
+    assert [(t, kind) for t, kind, _ in replays] == [([0], "loss"), ([0, 1], "loss")]
+    for k, (_, _, res) in zip((1, 2), replays):
+        assert res.scores.shape == (k, cfg.data.num_train) and np.isfinite(res.scores).all()
+        assert out[f"replay_K{k}_s"] == res.seconds
+    # store_bytes: the streamed store's size on disk (replay adds nothing to it).
+    store_dir = kept / "run.zarr"
+    on_disk = sum(f.stat().st_size for f in store_dir.rglob("*") if f.is_file())
+    assert out["store_bytes"] == on_disk
+    from fastreplay.store import RunStore
+    store = RunStore.open(store_dir, mode="r")
+    assert store.status == "trained" and len(store.checkpoint_steps()) > 0
 
 
 def test_window_scores_are_stored_apart(cli, tmp_path):

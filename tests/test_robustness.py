@@ -1,4 +1,4 @@
-"""Crash safety, resumability, the run-directory lock and clear errors on bad input (issue 7).
+"""Crash safety, resumability, the run-directory lock and clear errors on bad input.
 
 The crash tests SIGKILL real `python -m fastreplay.cli magic|lds` processes, either at named
 points (FASTREPLAY_CRASH_AT="point:count", see fastreplay/faults.py) or at a random moment, rerun
@@ -94,9 +94,9 @@ def assert_same(got: dict, want: dict, keys=("final", "checkpoints", "schedule",
         if key == "checkpoints":
             assert len(a) == len(b)
             for (sa, *xa), (sb, *xb) in zip(a, b):
-                assert sa == sb and all(np.array_equal(x, y) for x, y in zip(xa, xb)), key
+                assert sa == sb and all(np.array_equal(x, y) for x, y in zip(xa, xb, strict=True)), key
         elif isinstance(a, tuple):
-            assert all(np.array_equal(x, y) for x, y in zip(a, b)), key
+            assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)), key
         else:
             assert np.array_equal(a, b), key
     if "scores" in keys:
