@@ -31,8 +31,14 @@ def test_bad_override_is_one_line_error():
 
 
 def test_info_json(cli):
+    import torch
+
+    from fastreplay import kernels
     out = cli.json("info")
-    assert {"torch", "extension_loaded", "cuda_kernels", "device"} <= set(out)
+    assert out["torch"] == torch.__version__
+    assert out["extension_loaded"] == kernels.extension_loaded()
+    assert out["cuda_kernels"] == kernels.cuda_kernels_built()
+    assert out["device"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
 
 
 def test_clean_checkpoints_keeps_scores(cli, tmp_path):
