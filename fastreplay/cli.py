@@ -154,8 +154,9 @@ def lds(
     if json_:
         _echo_json(res.to_json())
     else:
-        log.info("LDS %.3f (95%% CI %.3f..%.3f) over %d targets, %d models, keep %g, %s removal",
-                 res.lds_mean, res.lds_ci[0], res.lds_ci[1], len(res.per_target["index"]),
+        log.info("LDS %.3f (bias-corrected %.3f, 95%% CI %.3f..%.3f, %s) over %d targets, "
+                 "%d models, keep %g, %s removal", res.lds_mean, res.lds_bias_corrected,
+                 res.lds_ci[0], res.lds_ci[1], res.ci_method, len(res.per_target["index"]),
                  res.models, res.keep, res.removal)
 
 
@@ -193,7 +194,7 @@ def smoothness(
     seed: Annotated[int, typer.Option(help="Seed of the removed set.")] = 0,
     store: Store = None, json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
 ):
-    """Cheap predictability check of a recipe: determinism and linearity along one LDS-like direction."""
+    """Cheap predictability check of a recipe in four trainings of the attribution window: determinism (one) and linearity along one LDS-like direction (three)."""
     setup_logging(log_level, log_file)
     from .api import open_trained
     from .smoothness import PASS_THRESHOLD, check_smoothness

@@ -65,8 +65,9 @@ def lds_figure(path: str | Path, result, predicted: np.ndarray, measured: np.nda
         ax.set_xlabel("predicted (sum of scores)", fontsize=7)
         ax.set_ylabel("measured", fontsize=7)
     axes[-1].hist(lds[np.isfinite(lds)], bins=20, range=(-1, 1))
-    axes[-1].set_title(f"LDS mean {result.lds_mean:.3f} [{result.lds_ci[0]:.2f}, "
-                       f"{result.lds_ci[1]:.2f}]", fontsize=8)
+    axes[-1].set_title(f"LDS mean {result.lds_mean:.3f}, 95% CI [{result.lds_ci[0]:.3f}, "
+                       f"{result.lds_ci[1]:.3f}]", fontsize=8)
     axes[-1].set_xlabel("per-target LDS", fontsize=7)
-    fig.suptitle(f"{result.models} models, keep {result.keep:g}, {result.removal} removal", fontsize=8)
+    fig.suptitle(f"{result.removal} removal, keep {result.keep:g}, {result.models} models, "
+                 f"{len(lds)} targets; CI: {result.ci_method}", fontsize=8)
     return _save(fig, path)

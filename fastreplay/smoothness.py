@@ -1,11 +1,13 @@
 """`fastreplay smoothness`: is this recipe predictable enough for scores to mean anything?
 
-A cheap check before paying for 100 LDS retrainings (three trainings instead of M):
-1. determinism: retraining (from the start of the attribution window) must land bit for bit on
-   the stored final state, else nothing can be exact;
-2. linearity along an LDS-like direction v = -1_R (R: a random (1 - keep) fraction of the data):
-   train at w = 1 + h v for h = 1/2 and 1, and compare the measured change of every measurement
-   with the scores' first-order prediction h <tau, v>.
+A cheap check before paying for 100 LDS retrainings: four trainings of the attribution window
+instead of M.
+1. determinism (one training): retraining from the start of the attribution window must land bit
+   for bit on the stored final state, else the scores are not the derivative of the stored run;
+2. linearity along an LDS-like direction v = -1_R (R: a random (1 - keep) fraction of the data;
+   three trainings, in one batch where the models can be batched): train at w = 1 (the baseline,
+   batched like the others) and w = 1 + h v for h = 1/2 and 1, and compare the measured change of
+   every measurement with the scores' first-order prediction h <tau, v>.
 Agreement per measurement is 1 - |actual - predicted| / max(|actual|, |predicted|) (1 = perfect,
 0 = unrelated or opposite); the score is its median over measurements and passes at >= 0.5.
 The curvature ratio actual(h=1) / (2 actual(h=1/2)) should be near 1 for a smooth run.

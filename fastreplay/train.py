@@ -33,16 +33,20 @@ class _NanWatch:
     def check(self) -> None:
         step = int(self.first_bad)
         if step >= 0:
-            raise TrainingError(f"training diverged: non-finite loss at step {step}; "
+            err = TrainingError(f"training diverged: non-finite loss at step {step}; "
                                 "lower train.lr or check the data")
+            err.step = step  # for callers that name the run that diverged (LDS models)
+            raise err
 
 
 def run_steps(recipe: Recipe, state: TrainState, weights: torch.Tensor, stop: int,
-              on_step=None, description: str = "train", watch: Optional[_NanWatch] = None
-              ) -> TrainState:
+              on_step=None, description: str = "train", watch: Optional[_NanWatch] = None,
+              keep_mask: Optional[torch.Tensor] = None) -> TrainState:
     """Advance ``state`` to step ``stop``; ``on_step(state)`` runs *before* each step.
 
     ``watch`` (optional) lets ``on_step`` check for divergence before it stores a state.
+    ``keep_mask`` (bool, per training example) takes the others out of their batches (LDS "drop"
+    removal), under the same divergence watch as every other training loop.
     """
     watch = watch or _NanWatch(recipe.device)
     point = f"{description}_step"  # crash point (tests): train_step, rebuild_step, retrain_step
@@ -51,7 +55,7 @@ def run_steps(recipe: Recipe, state: TrainState, weights: torch.Tensor, stop: in
             if on_step is not None:
                 on_step(state)
             t = state.step
-            watch.update(recipe.step(state, weights), t)
+            watch.update(recipe.step(state, weights, keep_mask=keep_mask), t)
             crash_point(point)
             advance()
     watch.check()

@@ -6,8 +6,8 @@ import pytest
 
 from fastreplay.api import open_or_train, run_magic
 from fastreplay.config import load_config
-from fastreplay.exceptions import ConfigError
-from fastreplay.lds import lds_statistics, run_lds, spearman_rows, subset_masks
+from fastreplay.exceptions import ConfigError, TrainingError
+from fastreplay.lds import CI_METHOD, lds_statistics, run_lds, spearman_rows, subset_masks
 
 OVERRIDES = ["data.name=synthetic", "data.num_train=200", "data.num_test=16",
              "data.image_size=8", "train.epochs=2", "train.batch_size=20", "train.lr=0.05",
@@ -27,14 +27,16 @@ def test_lds_high_at_small_drop_fraction(scored_run):
     recipe, store = scored_run
     res, pred, measured = run_lds(recipe, store, models=16, keep=0.95, targets=None)
     assert res.lds_mean >= 0.95, res
-    assert res.lds_ci[0] <= res.lds_mean <= res.lds_ci[1]
+    # The interval is for the population value, centred on the bias-corrected mean.
+    assert res.lds_ci[0] <= res.lds_bias_corrected <= res.lds_ci[1]
+    assert res.ci_method == CI_METHOD
+    assert store._group["lds/weight_keep0.95"].attrs["result"]["ci_method"] == CI_METHOD
     # The metric can fail: the same retrainings scored with shuffled attributions give ~0.
     scores, _ = store.read_scores("loss")
     masks = subset_masks(recipe.num_train, 16, 0.95, 0)
     rng = np.random.default_rng(1)
     shuffled = np.stack([rng.permutation(row) for row in scores])
-    _, mean_shuffled, _ = lds_statistics(shuffled, masks, measured, bootstrap=10)
-    assert abs(mean_shuffled) < 0.3, mean_shuffled
+    assert abs(lds_statistics(shuffled, masks, measured).mean) < 0.3
 
 
 def test_lds_resumes_without_retraining(scored_run, monkeypatch):
@@ -44,6 +46,69 @@ def test_lds_resumes_without_retraining(scored_run, monkeypatch):
     monkeypatch.setattr(lds_mod, "retrain_subset", lambda *a, **k: pytest.fail("retrained"))
     again, _, _ = run_lds(recipe, store, models=6, keep=0.9, targets=[0, 1])
     assert again.per_target == first.per_target
+
+
+def _spy_on_rows(store, monkeypatch) -> list:
+    """Every (model, row) the LDS loop hands to the store."""
+    written, write = [], store.write_lds_row
+    monkeypatch.setattr(store, "write_lds_row",
+                        lambda group, j, row: (written.append((j, np.array(row))),
+                                               write(group, j, row)))
+    return written
+
+
+def test_diverged_drop_removal_model_is_an_error_not_a_nan_row(scored_run, monkeypatch):
+    """Model 2's drop-removal retraining blows up at step 5: a one-line error naming it, no NaN
+    row (NaN reads as "not trained yet"), and a rerun keeps models 0 and 1 and fails the same way
+    instead of retraining forever."""
+    import torch
+    recipe, store = scored_run
+    poisoned = torch.from_numpy(subset_masks(recipe.num_train, 4, 0.9, 7)[2])
+    real_step = recipe.step
+
+    def step(state, weights, keep_mask=None):
+        if keep_mask is not None and state.step == 5 and torch.equal(keep_mask.cpu(), poisoned):
+            state.theta.fill_(float("inf"))
+        return real_step(state, weights, keep_mask=keep_mask)
+
+    monkeypatch.setattr(recipe, "step", step)
+    written = _spy_on_rows(store, monkeypatch)
+    message = (r"^LDS model 2 \(drop removal, keep 0\.9\) diverged: non-finite loss at step 5; "
+               r"lower train\.lr .*a larger --keep.*$")
+    try:
+        for _ in range(2):
+            with pytest.raises(TrainingError, match=message):
+                run_lds(recipe, store, models=4, keep=0.9, targets=None, removal="drop",
+                        mask_seed=7)
+        assert [j for j, _ in written] == [0, 1]  # trained once; the rerun resumed after them
+        assert all(np.isfinite(row).all() for _, row in written)
+        values = store._group["lds/drop_keep0.9/values"][...]
+        assert np.isfinite(values[:2]).all() and np.isnan(values[2:]).all()
+    finally:
+        store.delete("lds/drop_keep0.9")
+
+
+def test_non_finite_measurement_is_an_error_not_an_untrained_row(scored_run, monkeypatch):
+    import fastreplay.lds as lds_mod
+    recipe, store = scored_run
+    calls, real_measure = [], lds_mod.measure
+
+    def measure(*args):
+        calls.append(1)
+        row = real_measure(*args)
+        if len(calls) == 2:
+            row[3] = float("nan")
+        return row
+
+    monkeypatch.setattr(lds_mod, "measure", measure)
+    written = _spy_on_rows(store, monkeypatch)
+    try:
+        with pytest.raises(TrainingError, match=r"^LDS model 1 \(weight removal, keep 0\.85\) "
+                                                r"measured nan on test 3: a non-finite"):
+            run_lds(recipe, store, models=3, keep=0.85, targets=None, models_per_batch=1)
+        assert [j for j, _ in written] == [0]
+    finally:
+        store.delete("lds/weight_keep0.85")
 
 
 def test_bad_lds_arguments(scored_run):
