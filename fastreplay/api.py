@@ -22,11 +22,12 @@ from .measure import measure
 from .progress import log
 from .recipe import Recipe
 from .replay import replay
-from .store import (RunDirLock, RunStore, check_remote, check_writable, discard_store,
-                    disk_errors, is_remote, versions)
+from .paths import require_path_text, resolve_store_url
+from .rundir import remove_run_files, remove_text_temps, text_temp
+from .store import (DISCARDABLE, LOCK_NAME, STORE_NAME, Kind, RunDirLock, RunStore,
+                    check_remote, check_writable, discard_store, disk_errors, identify, is_remote,
+                    refusal, versions)
 from .train import load_final, train, train_into_store
-
-STORE_NAME = "run.zarr"
 
 
 @dataclass
@@ -50,19 +51,19 @@ def store_path(run_dir: str | Path) -> Path:
 
 
 def store_location(run_dir: str | Path, store_url: str | None = None) -> str:
-    """Where a run's Zarr group lives: ``store_url`` when given (a local path or an fsspec URL
-    such as ``s3://bucket/run.zarr``), else RUN_DIR/run.zarr. The run directory itself (lock,
-    config.toml, plots, summaries) is always local."""
-    if not store_url:
+    """Where a run's Zarr group lives: ``store_url`` when given (a local path, a file:// URL,
+    made a plain path, or an object-store URL such as ``s3://bucket/run.zarr``; any other scheme
+    is refused, see paths.resolve_store_url), else RUN_DIR/run.zarr. The run directory itself
+    (lock, config.toml, plots, summaries) is always local."""
+    if store_url is None:
         return str(store_path(run_dir))
-    store_url = str(store_url)
-    return store_url if is_remote(store_url) else str(Path(store_url).expanduser())
+    return resolve_store_url(require_path_text(store_url, "--store"))
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a small text file via a temporary name and a rename (never half-written)."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp = text_temp(path)
     with disk_errors(str(path)):
         try:
             tmp.write_text(text)
@@ -77,7 +78,7 @@ def lock_run_dir(run_dir: str | Path, create: bool = True,
     """Make sure ``run_dir`` exists and is writable, then take its exclusive lock (held until the
     store is closed or the process ends, however it ends). ``store`` (default RUN_DIR/run.zarr)
     is checked too: writable if local, reachable with its bucket and writable if remote."""
-    run_dir = Path(run_dir)
+    run_dir = Path(require_path_text(run_dir, "--run-dir"))
     if run_dir.exists() and not run_dir.is_dir():
         raise StoreError(f"--run-dir {run_dir} is a file, not a directory; choose a directory")
     if create:
@@ -92,8 +93,7 @@ def lock_run_dir(run_dir: str | Path, create: bool = True,
         elif Path(path).is_dir():
             check_writable(path)
         if lock.owner:
-            for tmp in run_dir.glob(".*.tmp"):  # left by a write_text_atomic that was killed
-                tmp.unlink(missing_ok=True)
+            remove_text_temps(run_dir)  # left by a write_text_atomic that was killed
     except BaseException:
         lock.release()
         raise
@@ -109,6 +109,18 @@ def _open_locked(path: str, lock: RunDirLock) -> RunStore:
     return store
 
 
+def _refuse_unusable_store(path: str, force: bool) -> None:
+    """Refuse, before any work (no run directory created, no data loaded), a store location that
+    holds something other than a run store: user data, or a damaged store (discarded only with
+    --force, and only when it is recognisably ours). Discarding and creating check again under
+    the lock."""
+    found = identify(path)
+    if found.kind in (Kind.ABSENT, Kind.RUN_STORE):
+        return
+    if not (force and found.kind is Kind.DAMAGED_RUN_STORE):
+        raise refusal(path, found)
+
+
 def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
                   download: bool = False, store_url: str | None = None) -> tuple[Recipe, RunStore]:
     """A store holding a finished run of ``cfg``: reused when present, else trained (or resumed).
@@ -118,6 +130,7 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
     ``store.lock`` until ``store.close()``.
     """
     path = store_location(run_dir, store_url)
+    _refuse_unusable_store(path, force)
     recipe = Recipe(cfg, download=download)
     lock = lock_run_dir(run_dir, store=path)
     try:
@@ -328,3 +341,72 @@ def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], r
         raise
     store.close()
     return res
+
+
+CLEAN_CHOICES = ("checkpoints", "lds", "scores", "all")
+
+
+def clean_run(run_dir: str | Path, what: str, store_url: str | None = None) -> None:
+    """Free disk space: delete ``what`` of the run in ``run_dir``: its checkpoints (scores, final
+    state and LDS results stay usable), its LDS results, its stored scores (the next `magic`
+    replays them; training is reused), or all of it (the store and what fastreplay wrote in the
+    run directory, see rundir.py).
+
+    Only a fastreplay run store is touched (``all`` also takes one whose root metadata is
+    damaged but whose layout shows it is ours); anything else at the store location is refused
+    with a one-line StoreError before any deletion.
+    """
+    if what not in CLEAN_CHOICES:
+        raise ConfigError(f"--what {what!r}: use {', '.join(CLEAN_CHOICES)}")
+    path = store_location(run_dir, store_url)
+    found = identify(path)
+    if found.kind is Kind.ABSENT:
+        raise ConfigError(f"{run_dir} holds no run store ({path} missing)")
+    usable = DISCARDABLE if what == "all" else (Kind.RUN_STORE,)  # all: also a damaged one of ours
+    if found.kind not in usable:
+        raise refusal(path, found)
+    elsewhere = path != str(store_path(run_dir))  # --store: not inside the run directory
+    lock = lock_run_dir(run_dir, create=elsewhere, store=path)
+    try:
+        if what == "all":
+            _clean_all(Path(run_dir), path, lock)
+            return
+        store = RunStore.open(path)
+        store.lock = lock
+        before = store.nbytes_on_disk()
+        if what == "lds":
+            store.delete("lds")
+            log.info("removed the LDS results from %s", path)
+        elif what == "scores":
+            store.delete("scores")
+            log.info("removed the stored scores from %s%s", path,
+                     "; the checkpoints were cleaned, so scoring again needs --force to retrain"
+                     if store.status == "cleaned" else "")
+        else:
+            store.status = "cleaned"
+            store.delete_checkpoints()
+            log.info("removed checkpoints from %s (%.1f MB -> %.1f MB); new targets need --force "
+                     "to retrain", path, before / 1e6, store.nbytes_on_disk() / 1e6)
+        store.close()
+    finally:
+        lock.release()  # idempotent; already released on success
+
+
+def _clean_all(run_dir: Path, path: str, lock: RunDirLock) -> None:
+    """Delete the store at ``path`` and what fastreplay wrote in ``run_dir`` (rundir.py), under
+    ``lock``; the run directory itself goes only when nothing else is left in it."""
+    if discard_store(path):
+        log.info("removed %s", path)
+    kept = remove_run_files(run_dir)
+    (run_dir / LOCK_NAME).unlink(missing_ok=True)  # last, while still holding it
+    lock.release()
+    if kept:
+        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        log.info("kept %s: it still holds %s, which fastreplay did not write", run_dir, shown)
+        return
+    try:
+        run_dir.absolute().rmdir()  # only when empty ("." included)
+    except OSError as exc:
+        log.info("kept %s (%s)", run_dir, exc.strerror or exc)
+        return
+    log.info("removed %s", run_dir)

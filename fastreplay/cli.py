@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -14,23 +13,40 @@ import typer
 
 from .config import PRESETS, load_config, to_toml
 from .exceptions import ConfigError, FastReplayError
+from .paths import require_path_text, resolve_store_url
 from .progress import log, setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Exact data attribution: MAGIC scores by replaying training backwards.")
 
+
+def _path(name: str):
+    """Typer parser of the path option ``name``: refuses an empty or blank value (an unset shell
+    variable) while it is still text; Typer would make "" the current directory, Path(".")."""
+    return lambda value: Path(require_path_text(value, name))
+
+
+def _store_url(value: str) -> str:
+    """Typer parser of --store: not empty, and a local path or an accepted URL scheme, checked
+    before the command does any work (paths.resolve_store_url)."""
+    resolve_store_url(require_path_text(value, "--store"))
+    return value
+
+
 Preset = Annotated[str, typer.Option(help=f"Base recipe: {', '.join(PRESETS)}.")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file; tables [data], [model], [train], [measure], [replay].")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", parser=_path("--config"), help="TOML file; tables [data], [model], [train], [measure], [replay].")]
 Sets = Annotated[Optional[List[str]], typer.Option("--set", help="Dotted override, repeatable: --set train.lr=0.4")]
 LogLevel = Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")]
-LogFile = Annotated[Optional[Path], typer.Option(help="Also write the log to this file.")]
+LogFile = Annotated[Optional[Path], typer.Option(parser=_path("--log-file"), help="Also write the log to this file.")]
 Download = Annotated[bool, typer.Option(help="Download CIFAR-10 if it is missing.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 Store = Annotated[Optional[str], typer.Option(
-    "--store", help="Where the run's Zarr group lives: a path or an fsspec URL such as "
+    "--store", parser=_store_url, help="Where the run's Zarr group lives: a path, file:///ABS/PATH "
+    "or an object-store URL (s3://, s3a://, gs://, gcs://, az://, abfs://, abfss://) such as "
     "s3://bucket/run.zarr (needs s3fs; endpoint and credentials from AWS_ENDPOINT_URL, "
     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE). Default RUN_DIR/run.zarr; the run "
     "directory stays local (lock, config.toml, plots, summaries).")]
+RUN_DIR_PATH = _path("--run-dir")
 
 
 def _config(preset: str, config: Optional[Path], sets: Optional[List[str]]):
@@ -57,9 +73,9 @@ def _echo_json(obj) -> None:
 @app.command()
 def magic(
     targets: Annotated[str, typer.Option(help="Test examples to attribute: 0,5,7 or 0:50.")],
-    run_dir: Annotated[Path, typer.Option(help="Run directory (holds run.zarr, plots/, config.toml).")],
+    run_dir: Annotated[Path, typer.Option(parser=RUN_DIR_PATH, help="Run directory (holds run.zarr, plots/, config.toml).")],
     preset: Preset = "quick", config: ConfigFile = None, set_: Sets = None,
-    scores_out: Annotated[Optional[Path], typer.Option(help="Also save the scores (targets x N) as .npy.")] = None,
+    scores_out: Annotated[Optional[Path], typer.Option(parser=_path("--scores-out"), help="Also save the scores (targets x N) as .npy.")] = None,
     force: Annotated[bool, typer.Option(help="Discard an existing run store in --run-dir (or at --store).")] = False,
     plots: Annotated[bool, typer.Option(help="Save a PNG per target.")] = True,
     store: Store = None, download: Download = False, json_: Json = False,
@@ -131,7 +147,7 @@ def train_cmd(
 
 @app.command()
 def lds(
-    run_dir: Annotated[Path, typer.Option(help="Run directory of a `fastreplay magic` run.")],
+    run_dir: Annotated[Path, typer.Option(parser=RUN_DIR_PATH, help="Run directory of a `fastreplay magic` run.")],
     models: Annotated[int, typer.Option(help="Number of subset retrainings M.")] = 100,
     keep: Annotated[float, typer.Option(help="Fraction of the training set each subset keeps.")] = 0.99,
     targets: Annotated[Optional[str], typer.Option(help="Scored targets to evaluate (default: all scored).")] = None,
@@ -189,7 +205,7 @@ def bench(
 
 @app.command()
 def smoothness(
-    run_dir: Annotated[Path, typer.Option(help="Run directory of a `fastreplay magic` run.")],
+    run_dir: Annotated[Path, typer.Option(parser=RUN_DIR_PATH, help="Run directory of a `fastreplay magic` run.")],
     keep: Annotated[float, typer.Option(help="Fraction kept by the probe direction (as in LDS).")] = 0.99,
     seed: Annotated[int, typer.Option(help="Seed of the removed set.")] = 0,
     store: Store = None, json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
@@ -224,45 +240,16 @@ def show_config(preset: Preset = "quick", config: ConfigFile = None, set_: Sets 
 
 
 @app.command()
-def clean(run_dir: Annotated[Path, typer.Argument(help="Run directory to clean.")],
-          what: Annotated[str, typer.Option(help="checkpoints (keep scores and final state), lds or all.")] = "checkpoints",
+def clean(run_dir: Annotated[Path, typer.Argument(parser=_path("RUN_DIR"), help="Run directory to clean.")],
+          what: Annotated[str, typer.Option(help="checkpoints (keep scores and final state), lds, scores or all.")] = "checkpoints",
           store: Store = None, log_level: LogLevel = "INFO"):
-    """Free disk space: drop checkpoints (scores stay usable) or the whole run directory
-    (and its --store)."""
+    """Free disk space: drop the checkpoints (scores stay usable), the LDS results, the stored
+    scores, or all the run wrote (its store, config.toml, magic_summary.json, its plots; the
+    run directory goes only when nothing else is in it)."""
     setup_logging(log_level)
-    from .api import lock_run_dir, store_location, store_path
-    from .store import RunStore, discard_store
+    from .api import clean_run
 
-    if what not in ("checkpoints", "lds", "all"):
-        raise ConfigError(f"--what {what!r}: use checkpoints, lds or all")
-    path = store_location(run_dir, store)
-    if not RunStore.exists(path):
-        raise ConfigError(f"{run_dir} holds no run store ({path} missing)")
-    elsewhere = path != str(store_path(run_dir))  # --store: not inside the run directory
-    lock = lock_run_dir(run_dir, create=elsewhere, store=path)
-    try:
-        if what == "all":
-            if elsewhere:
-                discard_store(path)
-                log.info("removed %s", path)
-            lock.release()
-            shutil.rmtree(run_dir)
-            log.info("removed %s", run_dir)
-            return
-        run_store = RunStore.open(path)
-        run_store.lock = lock
-        before = run_store.nbytes_on_disk()
-        if what == "lds":
-            run_store.delete("lds")
-            log.info("removed the LDS results from %s", path)
-        else:
-            run_store.status = "cleaned"
-            run_store.delete_checkpoints()
-            log.info("removed checkpoints from %s (%.1f MB -> %.1f MB); new targets need --force "
-                     "to retrain", path, before / 1e6, run_store.nbytes_on_disk() / 1e6)
-        run_store.close()
-    finally:
-        lock.release()  # idempotent; already released on success
+    clean_run(run_dir, what, store)
 
 
 @app.command()

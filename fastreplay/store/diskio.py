@@ -130,13 +130,17 @@ def _remove_stale_temp_dirs(final: Path) -> None:
 
 def _discard_tree(tree: Path, store_root: Path) -> None:
     """Delete ``tree`` (the store or a node in it) so that a crash midway never leaves it half
-    deleted: rename it beside the store (atomic), then delete the renamed copy."""
-    if not tree.exists():
+    deleted: rename it beside the store (atomic), then delete the renamed copy. A symlink is
+    removed itself, never followed: what it points to is left alone."""
+    if not tree.exists() and not tree.is_symlink():
         return
     doomed = store_root.parent / f".{store_root.name}.deleting.{uuid.uuid4().hex[:12]}-{os.getpid()}"
     with disk_errors(str(tree)):
         os.rename(tree, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    if doomed.is_symlink():
+        doomed.unlink()
+    else:
+        shutil.rmtree(doomed, ignore_errors=True)
     _remove_stale_temp_dirs(store_root)
 
 

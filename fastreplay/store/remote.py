@@ -4,10 +4,10 @@ checking that their location is usable, one-line errors when it is not, and dele
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 
 from ..exceptions import StoreError
+from ..paths import resolve_store_url
 
 def _is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
@@ -32,6 +32,7 @@ _REMOTE_ERROR_MODULES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec",
 def _remote_fs(url: str):
     """(fsspec filesystem, path inside it) of a remote store URL; a one-line StoreError when the
     protocol is unknown or its driver (s3fs for s3://) is not installed."""
+    resolve_store_url(url)  # only object stores (paths.OBJECT_STORE_SCHEMES)
     try:
         from fsspec.core import url_to_fs
         return url_to_fs(url, **_REMOTE_OPTIONS)
@@ -101,29 +102,15 @@ def check_remote(url: str, write: bool = False):
     return fs, path
 
 
-def _discard_remote(url: str) -> bool:
+def _delete_remote(url: str) -> None:
+    """Delete the store at ``url`` object by object: exactly the objects under PREFIX/ (never a
+    sibling such as PREFIX2/), the root metadata last, so a crash midway leaves a store that the
+    next --force still recognises. The caller has checked that it is a run store."""
     fs, path = check_remote(url)
     with remote_errors(url):
-        try:
-            meta = json.loads(fs.cat_file(f"{path}/zarr.json"))
-        except FileNotFoundError:
-            if fs.exists(path):
-                raise StoreError(f"{url} holds data that is not a Zarr group; refusing to delete "
-                                 "it: choose another --store") from None
-            return False
-        except ValueError:
-            meta = {}
-        meta = meta if isinstance(meta, dict) else {}
-        attrs = meta.get("attributes") if isinstance(meta.get("attributes"), dict) else {}
-        if meta.get("node_type") != "group" or "fingerprint" not in attrs or "config" not in attrs:
-            raise StoreError(f"{url} is not a fastreplay run store; refusing to delete it: "
-                             "choose another --store")
-        # Exactly the objects under PREFIX/ (never a sibling such as PREFIX2/), the root
-        # metadata last: a crash midway leaves a store that the next --force still recognises.
         root = f"{path}/zarr.json"
         doomed = [f for f in fs.find(path) if f.startswith(f"{path}/") and f != root]
         if doomed:
             fs.rm(doomed)
         fs.rm_file(root)
         fs.invalidate_cache(path)
-    return True

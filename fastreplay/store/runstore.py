@@ -3,11 +3,13 @@ with crc32-checked rows and crash-safe commits; creating, opening and deleting r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import shutil
 import zlib
 from datetime import datetime, timezone
@@ -19,12 +21,16 @@ import zarr
 
 from ..exceptions import StoreError
 from ..faults import crash_point
+from ..paths import local_path
 from .diskio import (SafeLocalStore, _discard_tree, _remove_stale_temp_dirs, disk_errors,
                      remove_partial_files)
+from .identity import DISCARDABLE, Kind, identify, refusal
 from .locks import RunDirLock
-from .remote import (_REMOTE_OPTIONS, _discard_remote, _is_local, _remote_fs, check_remote,
+from .remote import (_REMOTE_OPTIONS, _delete_remote, _is_local, _remote_fs, check_remote,
                      is_remote, remote_errors)
 from .writer import AsyncWriter, _snapshot
+
+STORE_NAME = "run.zarr"  # the store's name inside a run directory (without --store)
 
 _STEP_CHUNK = 256  # schedule rows per chunk
 _SCORE_CHUNK = 16  # score targets per chunk (stores written before append_scores)
@@ -42,25 +48,39 @@ def _open_zarr(path: str, mode: str) -> zarr.Group:
         store = FsspecStore.from_url(path, storage_options=dict(_REMOTE_OPTIONS),
                                      read_only=(mode == "r"))
         return zarr.open_group(store=store, mode=mode)
-    local = path.removeprefix("file://")
-    return zarr.open_group(store=SafeLocalStore(local, read_only=(mode == "r")), mode=mode)
+    return zarr.open_group(store=SafeLocalStore(local_path(path), read_only=(mode == "r")),
+                           mode=mode)
 
 
 def discard_store(path) -> bool:
     """Delete a store; --force and `clean --what all` use it. Returns whether there was one.
 
-    A local store goes atomically (see _discard_tree). A remote one is deleted object by object
-    (exactly the objects under its prefix, its root zarr.json last), and only when it is a
-    fastreplay run store: anything else at that URL is refused with a StoreError and left alone.
+    Only a fastreplay run store is deleted, or one whose root metadata is damaged but whose
+    layout shows it is ours (store/identity.py); anything else at ``path`` is refused with a
+    one-line StoreError and left alone, locally and remotely alike. A local store goes atomically
+    (see _discard_tree); a remote one object by object, its root zarr.json last.
     """
     path = os.fspath(path)
-    if is_remote(path):
-        return _discard_remote(path)
-    final = Path(path.removeprefix("file://"))
-    if not final.exists():
+    found = identify(path)
+    if found.kind is Kind.ABSENT:
         return False
-    _discard_tree(final, final)
+    if found.kind not in DISCARDABLE:
+        raise refusal(path, found)
+    if is_remote(path):
+        _delete_remote(path)
+    else:
+        final = Path(local_path(path))
+        _discard_tree(final, final)
     return True
+
+
+def _exists_error(path: str) -> StoreError:
+    """Why a new store cannot be created at ``path``, where something already is."""
+    found = identify(path)
+    if found.kind in (Kind.RUN_STORE, Kind.ABSENT):  # ABSENT: it went away meanwhile
+        return StoreError(f"a run store already exists at {path}; "
+                          "pass --force to overwrite it or choose another --run-dir")
+    return refusal(path, found)
 
 
 def versions() -> dict:
@@ -109,26 +129,25 @@ class RunStore:
         except (TypeError, ValueError) as exc:
             raise StoreError(f"config/versions are not JSON-serialisable ({exc}); "
                              "pass plain dicts of str/int/float/bool/list") from exc
-        exists_msg = (f"a run store already exists at {path}; "
-                      "pass --force to overwrite it or choose another --run-dir")
         now = _now()
         meta = {**_jsonable(attrs or {}), "config": config, "fingerprint": fingerprint,
                 "versions": versions, "status": "created", "created": now, "updated": now}
         if not _is_local(path):
             # One object write (zarr.json with the identity attrs) makes the group: it never
             # exists without its fingerprint.
-            check_remote(path)
+            if identify(path).kind is not Kind.ABSENT:  # never mix into someone's objects
+                raise _exists_error(path)
             from zarr.storage import FsspecStore
             with remote_errors(path):
                 store = FsspecStore.from_url(path, storage_options=dict(_REMOTE_OPTIONS))
                 try:
                     group = zarr.open_group(store=store, mode="w-", attributes=meta)
                 except FileExistsError:
-                    raise StoreError(exists_msg) from None
+                    raise _exists_error(path) from None
             return cls(path, group)
-        final = Path(path.removeprefix("file://"))
-        if final.exists():
-            raise StoreError(exists_msg)
+        final = Path(local_path(path))
+        if final.exists() or final.is_symlink():
+            raise _exists_error(path)
         _remove_stale_temp_dirs(final)
         tmp = final.parent / f".{final.name}.creating-{os.getpid()}"
         with disk_errors(f"the new run store {path}"):
@@ -140,7 +159,7 @@ class RunStore:
             except OSError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise StoreError(exists_msg) from None
+                    raise _exists_error(path) from None
                 raise
         return cls(path, _open_zarr(path, "r+"))
 
@@ -152,10 +171,13 @@ class RunStore:
         if is_remote(path):
             check_remote(path)  # an unreachable endpoint or missing bucket is not "no store"
         try:
-            if _is_local(path) and not os.path.isdir(path.removeprefix("file://")):
+            if _is_local(path) and not os.path.isdir(local_path(path)):
                 raise FileNotFoundError(path)  # don't let the store create an empty directory
             group = _open_zarr(path, mode)
         except Exception as exc:  # FileNotFoundError / GroupNotFoundError / array at path
+            found = identify(path)
+            if found.kind not in (Kind.ABSENT, Kind.RUN_STORE):  # damaged, or not ours
+                raise refusal(path, found) from None
             raise StoreError(f"no run store at {path} ({type(exc).__name__}); run `fastreplay "
                              f"train` first or check {'--store' if is_remote(path) else '--run-dir'}") from exc
         if "fingerprint" not in group.attrs or "config" not in group.attrs:
@@ -305,6 +327,18 @@ class RunStore:
     def _has(self, name: str) -> bool:
         return name in self._group
 
+    def clean_command(self, what: str) -> str:
+        """The `fastreplay clean` command line that deletes ``what`` from this store, for the
+        fix part of error messages (RUN_DIR where the run directory is unknown)."""
+        store = Path(local_path(self.path)) if _is_local(self.path) else None
+        run_dir = self.lock.run_dir if self.lock is not None else None
+        if run_dir is None and store is not None and store.name == STORE_NAME:
+            run_dir = str(store.parent)
+        command = f"fastreplay clean {shlex.quote(run_dir) if run_dir else 'RUN_DIR'} --what {what}"
+        if store is not None and run_dir is not None and store == Path(run_dir) / STORE_NAME:
+            return command
+        return f"{command} --store {shlex.quote(self.path)}"
+
     def _write_checkpoint_now(self, slot, step, params, momentum, buffers) -> None:
         committed = self._array("checkpoints/committed")
         committed[slot] = False  # an overwrite in progress must not read as the old checkpoint
@@ -450,14 +484,28 @@ class RunStore:
         self.delete(f"scores/{name}")
         self.append_scores(name, scores, targets, kind, extra_attrs)
 
+    def _scores_fix(self) -> str:
+        return (f"delete the stored scores with `{self.clean_command('scores')}` and rerun "
+                "`fastreplay magic` to recompute them (training is reused)")
+
+    def _score_array(self, name: str):
+        """``scores/<name>``, or a one-line StoreError when its zarr.json cannot be read."""
+        key = f"scores/{name}"
+        try:
+            return self._group[key]
+        except KeyError:
+            return self._array(key)  # its "no such array" message
+        except Exception as exc:  # truncated or garbage metadata fails to parse or validate
+            raise StoreError(f"{key} of {self.path} is corrupted (its zarr.json is unreadable: "
+                             f"{type(exc).__name__}); {self._scores_fix()}") from None
+
     def read_scores(self, name: str) -> tuple[np.ndarray, dict]:
         """(rows sorted by target id, attrs with the sorted "targets"); rows are checked against
         their stored crc32."""
-        arr = self._array(f"scores/{name}")
+        arr = self._score_array(name)
         attrs = dict(arr.attrs)
         targets = [int(t) for t in attrs.get("targets", [])]
-        fix = (f"delete {self.path}/scores/{name} and rerun `fastreplay magic` to recompute the "
-               "scores (training is reused)")
+        fix = self._scores_fix()
         try:
             rows = arr[:len(targets)]
         except Exception as exc:
@@ -473,12 +521,30 @@ class RunStore:
         return rows[order], attrs
 
     def score_names(self) -> list[str]:
-        if "scores" not in self._group:
-            return []
-        return sorted(self._group["scores"].array_keys())
+        """The stored score arrays; a one-line StoreError naming the first one whose zarr.json
+        cannot be read."""
+        try:
+            if "scores" not in self._group:
+                return []
+            return sorted(self._group["scores"].array_keys())
+        except Exception:
+            for name in self._listed_scores():
+                self._score_array(name)  # raises for the damaged one
+            raise StoreError(f"scores/ of {self.path} is corrupted (its metadata is unreadable); "
+                             f"{self._scores_fix()}") from None
+
+    def _listed_scores(self) -> list[str]:
+        """The names under scores/ as the storage lists them (no metadata parsed)."""
+        from zarr.core.sync import collect_aiterator
+        with contextlib.suppress(Exception):
+            group = self._group["scores"]
+            keys = collect_aiterator(group.store.list_dir(group.path))
+            return sorted(k for k in keys if k != "zarr.json")
+        return []
 
     def lds_values(self, group: str, masks: np.ndarray, targets: list[int], attrs: dict) -> np.ndarray:
-        """(M, K) measured values of an LDS experiment (NaN = model not trained yet).
+        """(M, K) measured values of an LDS experiment (NaN = model not trained yet), each stored
+        row checked against its crc32 (see _verified_lds_values).
 
         Creates ``group`` with the bit-packed masks on first use; afterwards the stored masks and
         targets must match, so a resumed experiment never mixes two different designs.
@@ -497,21 +563,52 @@ class RunStore:
                     and list(self._group[group].attrs.get("targets", [])) == list(targets))
             if not same:
                 raise StoreError(f"{self.path}/{group} holds an LDS run with other subsets or "
-                                 "targets; delete it with `fastreplay clean --what lds` or change --keep")
-            return self._group[f"{group}/values"][...]
+                                 f"targets; delete it with `{self.clean_command('lds')}` or change --keep")
+            return self._verified_lds_values(group)
         self._group.create_array(f"{group}/masks", shape=packed.shape, dtype="uint8",
                                  chunks=(min(256, m), packed.shape[1]))[...] = packed
         crash_point("lds_init")
         self._group.create_array(f"{group}/values", shape=(m, k), dtype="float64",
                                  chunks=(1, max(1, k)), fill_value=np.nan)
+        # crc32 of each row, one chunk per row, written after the row: a row counts once it is set.
+        self._group.create_array(f"{group}/checksum", shape=(m,), dtype="int64", chunks=(1,),
+                                 fill_value=_NO_CRC)
         # The commit of the set-up: until "targets" is there, the group is redone from scratch.
         self._group[group].attrs.update(_jsonable({**attrs, "targets": list(targets)}))
         return np.full((m, k), np.nan)
 
+    def _verified_lds_values(self, group: str) -> np.ndarray:
+        """The stored LDS values with every row checked against its crc32. A row whose checksum
+        was never written (a crash between the two writes) reads as NaN, so it is retrained; a
+        row that fails its checksum is a one-line StoreError. Groups written before LDS
+        checksums existed (no ``checksum`` array) are read without the check."""
+        fix = f"delete the LDS results with `{self.clean_command('lds')}` and rerun `fastreplay lds`"
+        try:
+            values = self._group[f"{group}/values"][...]
+            crcs = (self._group[f"{group}/checksum"][...]
+                    if f"{group}/checksum" in self._group else None)
+        except Exception as exc:  # a truncated/garbled chunk or metadata file
+            raise StoreError(f"{group} of {self.path} is unreadable ({type(exc).__name__}); "
+                             f"{fix}") from None
+        if crcs is None:
+            return values
+        for row, want in enumerate(crcs):
+            if int(want) == _NO_CRC:
+                values[row] = np.nan  # not committed: trained again
+            elif _crc(values[row]) != int(want):
+                raise StoreError(f"{group} of {self.path}: the values of model {row} are "
+                                 f"corrupted (checksum mismatch); {fix}")
+        return values
+
     def write_lds_row(self, group: str, row: int, values: np.ndarray) -> None:
-        """One model's measurements: one chunk per row (one atomic file write), so a crash loses
-        at most the model being trained; unwritten rows read as NaN and are retrained."""
-        self._group[f"{group}/values"][row] = np.asarray(values, dtype=np.float64)
+        """One model's measurements: one chunk per row (one atomic file write), then its crc32
+        (another), so a crash loses at most the model being trained; rows without a checksum read
+        as NaN and are retrained."""
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        self._group[f"{group}/values"][row] = values
+        crash_point("lds_partial")
+        if f"{group}/checksum" in self._group:  # absent in groups from before LDS checksums
+            self._group[f"{group}/checksum"][row] = _crc(values)
         crash_point("lds_model")
 
     def write_lds_result(self, group: str, result: dict) -> None:
@@ -524,7 +621,7 @@ class RunStore:
         """Delete a node; on a local store it disappears at once (renamed away, then removed),
         on a remote one object by object."""
         if _is_local(self.path):
-            root = Path(self.path.removeprefix("file://"))
+            root = Path(local_path(self.path))
             _discard_tree(root / name, root)
         elif name in self._group:
             del self._group[name]
@@ -532,7 +629,7 @@ class RunStore:
     def remove_partial_files(self) -> int:
         """Delete temporary files left by a killed writer (call only under the run lock); a
         remote store has none (each object write is atomic there)."""
-        return remove_partial_files(self.path.removeprefix("file://")) if _is_local(self.path) else 0
+        return remove_partial_files(local_path(self.path)) if _is_local(self.path) else 0
 
     def nbytes_on_disk(self) -> int:
         """Bytes the store takes (for a remote store: the sizes of its objects)."""
@@ -540,7 +637,7 @@ class RunStore:
             fs, path = _remote_fs(self.path)
             with remote_errors(self.path):
                 return int(fs.du(path.rstrip("/"), total=True))
-        root = self.path.removeprefix("file://")
+        root = local_path(self.path)
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
 
     def delete_checkpoints(self) -> None:
