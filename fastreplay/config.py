@@ -117,8 +117,10 @@ class ReplayConfig:
     (forward-over-reverse, torch.func.jvp, one measurement per pass), forward-vmap (the K
     measurements of a pass vmapped through one primal pass: 1.7x faster at K = 10 in fp32 on
     the H100, ~5.5 GB more GPU memory per measurement; their last bits depend on the pass)
-    or auto (CUDA: forward-vmap for K > 1, falling back to forward if it runs out of memory,
-    forward for K = 1; CPU: reverse, which is faster there). Same values up to rounding."""
+    or auto (CUDA: forward-vmap for K > 1, forward for K = 1; CPU: reverse, which is faster
+    there), falling back forward-vmap -> forward -> reverse with a warning where a mode runs
+    out of memory (vmap) or torch cannot vmap or forward-differentiate the model. Same values
+    up to rounding."""
     compile: bool = False
     """torch.compile the forward-over-reverse step (hvp auto, forward, forward-vmap): fuses the
     elementwise tangent work; one compilation per process and pass size (about a minute for

@@ -9,11 +9,13 @@ which is faster instead of guessing.
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 from torch.func import grad, vmap
 
 from .faults import crash_point
+from .func_limits import first_line, vmap_unsupported
 from .kernels import sgd_step_
 from .progress import log
 from .recipe import Recipe, TrainState
@@ -32,12 +34,26 @@ def _make_step(recipe: Recipe):
 def train_many(recipe: Recipe, weights: torch.Tensor, num_steps: int | None = None,
                start: TrainState | None = None) -> TrainState:
     """Train len(weights) models (weights: (M, N)) from ``start`` (default: the initialisation);
-    returns a stacked state ((M, P), ...)."""
-    m = weights.shape[0]
+    returns a stacked state ((M, P), ...). Vmapped where vmap can batch the model, else (and
+    after vmap turned out not to support it, from the start again) one model at a time."""
     weights = weights.to(recipe.device, recipe.dtype)
     init = start or recipe.init_state()
-    if not can_batch_models(recipe):
-        return _train_one_by_one(recipe, weights, init, num_steps)
+    if can_batch_models(recipe):
+        try:
+            return _train_vmapped(recipe, weights, init, num_steps)
+        except (RuntimeError, NotImplementedError) as exc:
+            if not vmap_unsupported(exc):
+                raise
+            _VMAP_UNSUPPORTED.add(recipe)
+            log.warning("vmap cannot batch this model (%s); training the models one at a time "
+                        "from here on", first_line(exc))
+    return _train_one_by_one(recipe, weights, init, num_steps)
+
+
+def _train_vmapped(recipe: Recipe, weights: torch.Tensor, init: TrainState,
+                   num_steps: int | None) -> TrainState:
+    """The M models in one vmapped step each; ``init`` is left as it was."""
+    m = weights.shape[0]
     state = TrainState(init.theta.expand(m, -1).clone(), init.momentum.expand(m, -1).clone(),
                        init.buffers.expand(m, -1).clone(), init.step)
     step_fn = _make_step(recipe)
@@ -59,10 +75,15 @@ def train_many(recipe: Recipe, weights: torch.Tensor, num_steps: int | None = No
     return state
 
 
+# Recipes whose vmapped step torch turned out not to support (found by trying, once a process).
+_VMAP_UNSUPPORTED: "weakref.WeakSet[Recipe]" = weakref.WeakSet()
+
+
 def can_batch_models(recipe: Recipe) -> bool:
     """vmap cannot run channels_last convolutions (torch: "NYI: clone(memory_format) inside
-    vmap"), and an NCHW batch would round differently from the NHWC training run."""
-    return not recipe.cfg.train.channels_last
+    vmap"), and an NCHW batch would round differently from the NHWC training run; nor models
+    with an operation it has no batching rule for (found by the first try, see train_many)."""
+    return not recipe.cfg.train.channels_last and recipe not in _VMAP_UNSUPPORTED
 
 
 def _train_one_by_one(recipe: Recipe, weights: torch.Tensor, init: TrainState,

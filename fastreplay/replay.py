@@ -2,14 +2,17 @@
 
 States theta_t are rebuilt segment by segment (last segment first) from the stored checkpoints by
 re-running the deterministic forward steps; each rebuilt segment must land bit for bit on the
-next stored state, otherwise the run is not reproducible and exact scores are impossible.
+next stored state (params, momentum and BatchNorm statistics), otherwise the run is not
+reproducible and exact scores are impossible.
 
 Per reverse step t (adjoints carried for all K measurements):
   1. optimizer adjoint (elementwise, fused when built): g_bar, m_bar, theta_bar += wd * g_bar
   2. at theta_t, for Q_k = <grad L_t, g_bar_k> + <b_{t+1}(theta), b_bar_k>: d/dtheta gives
      H g_bar + rho J^T b_bar, d/dw the score increments of the batch; computed by a
      double backward (replay.hvp = reverse) or forward-over-reverse (replay.hvp = forward,
-     optionally vmapped over the K measurements and torch.compiled).
+     optionally vmapped over the K measurements and torch.compiled). Where torch cannot
+     vmap or forward-differentiate the model, replay.hvp = auto falls back down the chain
+     forward-vmap -> forward -> reverse (same values up to rounding).
   3. b_bar *= (1 - rho)
 """
 from __future__ import annotations
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 
 from .exceptions import ReplayError
+from .func_limits import (first_line, forward_ad_unsupported, names_forward_ad,
+                          vmap_unsupported)
 from .kernels import sgd_adjoint_
 from .measure import measurement_grads
 from .progress import log, progress_bar
@@ -37,19 +42,29 @@ class ReplayResult:
     seconds: float
 
 
+# replay.hvp=auto's fallback chain: when torch cannot run a mode for this model (or it runs out
+# of memory), the next one computes the same quantity. Double backward needs neither vmap nor
+# forward-mode AD, so it ends the chain.
+_FALLBACK = {"forward-vmap": "forward", "forward": "reverse"}
+_JVP_MODES = ("forward-vmap", "forward")
+
+
 def hvp_mode(recipe: Recipe, k: int) -> str:
     """replay.hvp resolved for a pass of k measurements. auto: on CUDA forward-over-reverse,
-    vmapped over the k measurements when k > 1 (1.7x faster at k = 10 in fp32 on the H100)
-    unless that ran out of memory before; on the CPU double backward (faster there), or
-    forward with replay.compile."""
+    vmapped over the k measurements when k > 1 (1.7x faster at k = 10 in fp32 on the H100);
+    on the CPU double backward (faster there), or forward with replay.compile; then down the
+    fallback chain past every mode this process found torch cannot run here."""
     hvp = recipe.cfg.replay.hvp
     if hvp != "auto":
         return hvp
     if not _on_cuda(recipe):
-        return "forward" if recipe.cfg.replay.compile else "reverse"
-    if k > 1 and not _state(recipe).get("vmap_out_of_memory"):
-        return "forward-vmap"
-    return "forward"
+        mode = "forward" if recipe.cfg.replay.compile else "reverse"
+    else:
+        mode = "forward-vmap" if k > 1 else "forward"
+    ruled_out = _ruled_out(recipe)
+    while mode in ruled_out:
+        mode = _FALLBACK[mode]
+    return mode
 
 
 def _on_cuda(recipe: Recipe) -> bool:
@@ -58,33 +73,46 @@ def _on_cuda(recipe: Recipe) -> bool:
 
 def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, step: int,
              g_bar: torch.Tensor, b_bar: torch.Tensor):
-    """(H g_bar + rho J^T b_bar) (K, P) and d<grad L_t, g_bar>/dw for the batch (K, B)."""
-    mode = hvp_mode(recipe, g_bar.shape[0])
+    """(H g_bar + rho J^T b_bar) (K, P) and d<grad L_t, g_bar>/dw for the batch (K, B).
+
+    A mode that torch cannot run for this model hands the same step to the next mode of the
+    fallback chain (replay.hvp=auto) or stops with a ReplayError naming the mode to use (an
+    explicit replay.hvp); the modes are pure functions of their inputs, so the retry is exact.
+    """
     x, y = recipe.batch_inputs(step)
-    w = torch.ones(x.shape[0], dtype=recipe.dtype, device=recipe.device)
-    if mode == "forward-vmap":  # one primal pass, the K tangents vmapped through it
+    theta = theta_t.detach()
+    while True:
+        mode = hvp_mode(recipe, g_bar.shape[0])
         try:
-            return _tangent_fn(recipe, True)(theta_t.detach(), buffers_t, x, y, w, g_bar, b_bar)
-        except torch.cuda.OutOfMemoryError:
-            if recipe.cfg.replay.hvp != "auto":
-                raise ReplayError(
-                    f"replay.hvp=forward-vmap ran out of GPU memory with {g_bar.shape[0]} "
-                    "measurements per pass; lower --set replay.target_batch or use "
-                    "--set replay.hvp=forward") from None
-            _state(recipe)["vmap_out_of_memory"] = True
-            torch.cuda.empty_cache()
-            log.warning("vmapping %d measurements ran out of GPU memory; replaying them one "
-                        "per pass from here on (lower replay.target_batch to keep the faster "
-                        "vmapped pass)", g_bar.shape[0])
-            mode = "forward"
-    if mode == "forward":
-        fn = _tangent_fn(recipe, False)
-        theta = theta_t.detach()
-        outs = [fn(theta, buffers_t, x, y, w, g_bar[k], b_bar[k]) for k in range(g_bar.shape[0])]
-        return torch.stack([h for h, _ in outs]), torch.stack([d for _, d in outs])
-    theta = theta_t.detach().requires_grad_(True)
-    w.requires_grad_(True)
-    losses, new_buffers = recipe.losses(theta, buffers_t, x, y)
+            return _HVP_STEPS[mode](recipe, theta, buffers_t, x, y, g_bar, b_bar)
+        except (RuntimeError, NotImplementedError) as exc:  # OutOfMemoryError is a RuntimeError
+            if not _rule_out(recipe, mode, exc, g_bar.shape[0]):
+                raise
+        torch.cuda.empty_cache()  # what the failed attempt held (a no-op without CUDA)
+
+
+def _unit_weights(recipe: Recipe, x: torch.Tensor) -> torch.Tensor:
+    return torch.ones(x.shape[0], dtype=recipe.dtype, device=recipe.device)
+
+
+def _vmapped_tangents(recipe, theta, buffers, x, y, g_bar, b_bar):
+    """forward-vmap: one primal pass, the K tangents vmapped through it."""
+    return _tangent_fn(recipe, True)(theta, buffers, x, y, _unit_weights(recipe, x), g_bar, b_bar)
+
+
+def _tangents_one_by_one(recipe, theta, buffers, x, y, g_bar, b_bar):
+    """forward: one jvp per measurement."""
+    fn = _tangent_fn(recipe, False)
+    w = _unit_weights(recipe, x)
+    outs = [fn(theta, buffers, x, y, w, g_bar[k], b_bar[k]) for k in range(g_bar.shape[0])]
+    return torch.stack([h for h, _ in outs]), torch.stack([d for _, d in outs])
+
+
+def _double_backward(recipe, theta, buffers, x, y, g_bar, b_bar):
+    """reverse: one graph of the gradient, differentiated once per measurement."""
+    theta = theta.detach().requires_grad_(True)
+    w = _unit_weights(recipe, x).requires_grad_(True)
+    losses, new_buffers = recipe.losses(theta, buffers, x, y)
     loss = (w * losses).sum() / x.shape[0]
     (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
     hvps, wgrads = [], []
@@ -100,13 +128,67 @@ def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, ste
     return torch.stack(hvps), torch.stack(wgrads)
 
 
+_HVP_STEPS = {"forward-vmap": _vmapped_tangents, "forward": _tangents_one_by_one,
+              "reverse": _double_backward}
+
+
+@dataclass(frozen=True)
+class _Limitation:
+    """Why torch cannot run an hvp mode here: not a bug, a reason to use another mode."""
+    modes: tuple  # the modes it rules out
+    what: str  # "<mode> <what>" reads as a sentence
+    fix: str  # the setting that avoids it, for an explicit replay.hvp
+    hint: str = ""  # for the replay.hvp=auto warning
+
+
+def _limitation(mode: str, exc: BaseException, k: int) -> "_Limitation | None":
+    """The limitation ``exc`` (raised by ``mode``) shows, or None when it is something else."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        if mode != "forward-vmap":
+            return None
+        return _Limitation(("forward-vmap",),
+                           f"ran out of GPU memory with {k} measurements per pass",
+                           "lower --set replay.target_batch or use --set replay.hvp=forward",
+                           " (lower replay.target_batch to keep the faster vmapped pass)")
+    if mode == "forward-vmap" and vmap_unsupported(exc) and not names_forward_ad(exc):
+        why = f"is not supported for this model by torch.func.vmap ({first_line(exc)})"
+        return _Limitation(("forward-vmap",), why, "use --set replay.hvp=forward")
+    if mode in _JVP_MODES and forward_ad_unsupported(exc):
+        why = f"is not supported for this model by forward-mode AD ({first_line(exc)})"
+        return _Limitation(_JVP_MODES, why, "use --set replay.hvp=reverse")
+    return None
+
+
+def _rule_out(recipe: Recipe, mode: str, exc: BaseException, k: int) -> bool:
+    """Act on ``exc`` from ``mode``: False when it is not a limitation of torch (the caller
+    re-raises it); with an explicit replay.hvp a one-line ReplayError; under replay.hvp=auto
+    remember the modes it rules out for this recipe (one warning, no second try) and go on."""
+    limit = _limitation(mode, exc, k)
+    if limit is None:
+        return False
+    if recipe.cfg.replay.hvp != "auto":
+        raise ReplayError(f"replay.hvp={mode} {limit.what}; {limit.fix}") from None
+    ruled_out = _ruled_out(recipe)
+    for m in limit.modes:
+        ruled_out[m] = limit.what
+    log.warning("replay.hvp=auto: %s %s; replaying with replay.hvp=%s from here on, which gives "
+                "the same scores up to rounding%s", mode, limit.what,
+                hvp_mode(recipe, k), limit.hint)
+    return True
+
+
 _RECIPE_STATE: "weakref.WeakKeyDictionary[Recipe, dict]" = weakref.WeakKeyDictionary()
 
 
 def _state(recipe: Recipe) -> dict:
     """What the replay learns about a recipe once per process: built (compiled) step
-    functions, whether vmapping ran out of memory."""
+    functions, the hvp modes that torch cannot run for it."""
     return _RECIPE_STATE.setdefault(recipe, {})
+
+
+def _ruled_out(recipe: Recipe) -> dict:
+    """hvp mode -> why it cannot run for this recipe (found by trying; replay.hvp=auto)."""
+    return _state(recipe).setdefault("ruled_out", {})
 
 
 def _tangent_fn(recipe: Recipe, batched: bool):
@@ -148,14 +230,14 @@ def _tangent_fn(recipe: Recipe, batched: bool):
 
 
 def reverse_states(recipe: Recipe, state: TrainState, end: int, arity: int, ones: torch.Tensor,
-                   stop: int, expect_end: torch.Tensor | None = None):
+                   stop: int, expect_end: dict | None = None):
     """Yield (t, theta_t, buffers_t) for t = end-1 down to ``stop``, rebuilt from ``state``.
 
     arity 0 keeps every state of the segment (one forward pass, end - begin states in memory);
     arity k >= 2 is REPLAY's lazy k-ary tree: keep k states, recurse into the sub-segments
     last first (O(k log_k L) states, O(log_k L) forward passes). The arithmetic per step is the
     same either way, so scores are bitwise identical across schedules. ``expect_end``: the stored
-    state at ``end``; the rebuilt one must equal it bit for bit.
+    state at ``end`` (see _stored_parts); the rebuilt one must equal it bit for bit.
     """
     begin = state.step
     n = end - begin
@@ -169,11 +251,8 @@ def reverse_states(recipe: Recipe, state: TrainState, end: int, arity: int, ones
                 kept.append((st.step, st.theta.clone(), st.buffers) if leaf else st.clone())
 
     run_steps(recipe, state, ones, end, on_step=keep, description="rebuild")
-    if expect_end is not None and not torch.equal(state.theta, expect_end):
-        raise ReplayError(
-            f"recomputing steps {begin}..{end} did not reproduce the stored state bit for bit: "
-            "the run is not deterministic here (same device, torch and kernels as training "
-            "are required)")
+    if expect_end is not None:
+        _check_reproduced(state, expect_end, begin)
     if leaf:
         yield from reversed(kept)
         return
@@ -182,6 +261,30 @@ def reverse_states(recipe: Recipe, state: TrainState, end: int, arity: int, ones
         sub_end = min(sub.step + size, end)
         if sub_end > stop:
             yield from reverse_states(recipe, sub, sub_end, arity, ones, stop)
+
+
+def _stored_parts(params: torch.Tensor, buffers: torch.Tensor,
+                 momentum: torch.Tensor | None = None) -> dict:
+    """A stored state as the parts a rebuild must reproduce. Checkpoints hold params, momentum
+    and BatchNorm buffers; the final state holds no momentum (nothing reads it), so a segment
+    that ends there is checked on params and buffers only."""
+    parts = {"params": params, "momentum": momentum, "buffers": buffers}
+    return {name: t for name, t in parts.items() if t is not None}
+
+
+def _check_reproduced(rebuilt: TrainState, stored: dict, begin: int) -> None:
+    """Every stored part of the state at ``rebuilt.step`` bit for bit, not only the params: a
+    momentum that differs in its last bits may not reach theta within the segment, and the
+    running statistics never feed back into a training step at all, yet either makes it
+    another run than the one the scores would claim to differentiate."""
+    have = {"params": rebuilt.theta, "momentum": rebuilt.momentum, "buffers": rebuilt.buffers}
+    differ = [name for name, t in stored.items() if not torch.equal(have[name], t)]
+    if differ:
+        which = (", ".join(differ[:-1]) + " and " if len(differ) > 1 else "") + differ[-1]
+        raise ReplayError(
+            f"recomputing steps {begin}..{rebuilt.step} did not reproduce the stored state bit "
+            f"for bit ({which} differ): the run is not deterministic here (same "
+            "device, torch and kernels as training are required)")
 
 
 def _segments(checkpoint_steps: list[int], num_steps: int, start_step: int):
@@ -215,7 +318,7 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
     ones = recipe.ones()
     segments = _segments(slots_steps, recipe.num_steps, start)
     total = sum(end - max(begin, start) for begin, end, _ in segments)
-    next_state = final_params
+    next_state = _stored_parts(final_params, final_buffers)
     arity = recipe.cfg.replay.tree_arity if recipe.cfg.replay.schedule == "tree" else 0
     every = recipe.cfg.replay.schedule == "every"
     # Checkpoints are read (and verified) ahead on a background thread while the current
@@ -224,7 +327,9 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
         checkpoints = Prefetcher(store, [slot for _, _, slot in segments], depth=1)
         for (begin, end, _), (_, checkpoint) in zip(segments, checkpoints):
             state = recipe.stored_state(checkpoint)
-            stored_theta = state.theta.clone()  # the rebuild advances state in place
+            # copies: the rebuild advances state in place
+            stored = _stored_parts(state.theta.clone(), state.buffers.clone(),
+                                  state.momentum.clone())
             if every:  # the stored state is theta_t itself: nothing to rebuild
                 states = [(state.step, state.theta, state.buffers)]
             else:
@@ -238,7 +343,7 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
                 b_bar.mul_(1 - rho)
                 scores[:, recipe.indices[t]] += wgrad.to(torch.float64)
                 advance()
-            next_state = stored_theta
+            next_state = stored
     del ones
     if recipe.device.type == "cuda":
         torch.cuda.synchronize()

@@ -67,18 +67,55 @@ def test_retraining_is_bitwise_identical():
     assert torch.equal(a.theta, b.theta) and torch.equal(a.buffers, b.buffers)
 
 
-def test_replay_detects_a_tampered_checkpoint(tmp_path):
-    """A stored state that the forward steps do not reproduce must stop the replay."""
-    from fastreplay.exceptions import ReplayError
-    cfg = _cfg()
-    recipe, store = open_or_train(cfg, tmp_path)
-    step, params, momentum, buffers = store.read_checkpoint(1)
-    params = params.copy()
-    params[0] += 1e-3
-    store.write_checkpoint(1, step, torch.from_numpy(params), torch.from_numpy(momentum),
-                           torch.from_numpy(buffers))
+def _tamper(store, slot, part: str, change) -> None:
+    """Rewrite one part (params, momentum or buffers) of a stored checkpoint, or of the final
+    state (slot "final": params and buffers, no momentum)."""
+    if slot == "final":
+        names, parts = ("params", "buffers"), store.read_final()
+    else:
+        names, (step, *parts) = ("params", "momentum", "buffers"), store.read_checkpoint(slot)
+    parts = [torch.from_numpy(change(a.copy()) if name == part else a)
+             for name, a in zip(names, parts)]
+    if slot == "final":
+        store.write_final(*parts)
+    else:
+        store.write_checkpoint(slot, step, *parts)
     store.flush()
-    with pytest.raises(ReplayError, match="bit for bit"):
+
+
+def _last_bit_of_the_smallest(a):
+    """One ulp added to the entry of smallest magnitude: a trace a non-deterministic kernel
+    could leave, too small to reach theta within a segment (lr * mu * ulp(m) stays far below
+    ulp(theta))."""
+    i = np.argmin(np.abs(a))
+    a[i] = np.nextafter(a[i], np.inf)
+    return a
+
+
+def _shift_first(a):
+    a[0] += 1e-3
+    return a
+
+
+@pytest.mark.parametrize("slot,part,change,found", [
+    # Moved params move everything after them: the rebuild of steps 5..10 from them misses
+    # checkpoint 2 (replay goes last segment first).
+    (1, "params", _shift_first, r"steps 5..10 .* bit for bit \(params, momentum and buffers"),
+    # Neither of these moves theta, so a check of params alone lets them through (the
+    # momentum change is below theta's rounding; BatchNorm running statistics never feed back
+    # into a training step): only comparing the part itself finds them.
+    (1, "momentum", _last_bit_of_the_smallest, r"steps 0..5 .* bit for bit \(momentum differ"),
+    (1, "buffers", _shift_first, r"bit for bit \(buffers differ"),
+    # The last segment lands on the final state, which stores no momentum.
+    ("final", "buffers", _shift_first, r"steps 10..12 .* bit for bit \(buffers differ"),
+])
+def test_replay_detects_a_tampered_checkpoint(tmp_path, slot, part, change, found):
+    """A stored state that the forward steps do not reproduce, in any of its parts, must stop
+    the replay (12 steps, checkpoints every 5: slot 1 holds step 5)."""
+    from fastreplay.exceptions import ReplayError
+    recipe, store = open_or_train(_cfg(), tmp_path)
+    _tamper(store, slot, part, change)
+    with pytest.raises(ReplayError, match=found):
         replay(recipe, store, [0], "loss")
 
 
