@@ -156,8 +156,9 @@ class RunStore:
                 raise FileNotFoundError(path)  # don't let the store create an empty directory
             group = _open_zarr(path, mode)
         except Exception as exc:  # FileNotFoundError / GroupNotFoundError / array at path
-            raise StoreError(f"no run store at {path} ({type(exc).__name__}); run `fastreplay "
-                             f"train` first or check {'--store' if is_remote(path) else '--run-dir'}") from exc
+            raise StoreError(f"no run store at {path} ({type(exc).__name__}); run `fastreplay magic "
+                             f"--run-dir DIR{' --store ' + path if is_remote(path) else ''} ...` "
+                             f"first or check {'--store' if is_remote(path) else '--run-dir'}") from exc
         if "fingerprint" not in group.attrs or "config" not in group.attrs:
             raise StoreError(f"{path} is a Zarr group but not a fastreplay run store; "
                              "check --run-dir")
