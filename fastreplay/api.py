@@ -14,9 +14,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .arguments import check_lds_arguments, check_weights
 from .config import RunConfig, score_name, to_toml
 from .distributed import barrier, gather_all, gather_to_main, is_main, shard, world_size
-from .exceptions import ConfigError, StoreError
+from .exceptions import StoreError
 from .faults import crash_point
 from .measure import measure
 from .progress import log
@@ -44,6 +45,8 @@ class MagicResult:
     plots: list[str] = field(default_factory=list)
     run_dir: str = ""
     store: str = ""
+    scores_out: Optional[str] = None
+    """Where --scores-out put the scores (with the .npy suffix numpy.save adds)."""
 
 
 def store_path(run_dir: str | Path) -> Path:
@@ -133,6 +136,7 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
     _refuse_unusable_store(path, force)
     recipe = Recipe(cfg, download=download)
     lock = lock_run_dir(run_dir, store=path)
+    store = None
     try:
         if force and discard_store(path):
             log.info("--force: removed the existing run store %s", path)
@@ -152,8 +156,11 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
             log.info("reusing the trained run in %s", path)
             return recipe, store
         state, seconds = train_into_store(recipe, store)
-    except BaseException:
-        lock.release()
+    except BaseException as exc:
+        if store is None:
+            lock.release()
+        else:  # the background writer stops before the lock goes (Ctrl-C, a failed write, ...)
+            store.__exit__(type(exc), exc, exc.__traceback__)
         raise
     log.info("trained %d steps in %.1fs, test accuracy %.2f%%; run stored in %s",
              recipe.num_steps, seconds, 100 * store.get_attr("test_accuracy", float("nan")), path)
@@ -248,9 +255,10 @@ def _magic_outputs(recipe: Recipe, store: RunStore, cfg: RunConfig, targets: lis
                          torch.cuda.max_memory_allocated() if recipe.device.type == "cuda" else None,
                          run_dir=str(run_dir), store=store.path)
     if scores_out:
-        with disk_errors(str(scores_out)):
-            np.save(scores_out, scores)
-        log.info("scores (%d targets x %d examples) written to %s", *scores.shape, scores_out)
+        result.scores_out = npy_path(scores_out)
+        with disk_errors(result.scores_out):
+            np.save(result.scores_out, scores)
+        log.info("scores (%d targets x %d examples) written to %s", *scores.shape, result.scores_out)
     if plots:
         from .plots import influence_figure  # matplotlib: imported only when plotting
         data = recipe.data
@@ -272,20 +280,23 @@ def summary(res: MagicResult) -> dict:
             "replayed_targets": res.replayed,
             "replay_seconds_per_target": res.replay_seconds / max(1, res.replayed),
             "store_bytes": res.store_bytes, "peak_gpu_bytes": res.peak_gpu_bytes,
-            "run_dir": res.run_dir, "store": res.store, "plots": res.plots}
+            "run_dir": res.run_dir, "store": res.store, "plots": res.plots,
+            "scores_out": res.scores_out}
+
+
+def npy_path(path: str | os.PathLike) -> str:
+    """The file numpy.save writes for ``path``: it appends .npy unless the name ends with it."""
+    path = os.fspath(path)
+    return path if path.endswith(".npy") else path + ".npy"
 
 
 def counterfactual(cfg: RunConfig, weights: np.ndarray, targets: list[int],
                    download: bool = False, recipe: Optional[Recipe] = None) -> np.ndarray:
     """Retrain with per-example ``weights`` and return the measurements of ``targets``."""
     recipe = recipe or Recipe(cfg, download=download)
-    weights = np.asarray(weights)
-    if weights.ndim != 1 or len(weights) != recipe.num_train:
-        raise ConfigError(f"weights have shape {weights.shape} but the run has {recipe.num_train} "
-                          "training examples: pass one weight per training example")
-    if not np.all(np.isfinite(weights)):
-        raise ConfigError("weights contain NaN or inf: pass finite per-example weights")
-    w = torch.from_numpy(np.asarray(weights, dtype=np.float64)).to(recipe.device, recipe.dtype)
+    weights = check_weights(weights, recipe.num_train)
+    w = torch.from_numpy(weights).to(recipe.device, recipe.dtype)
+    log.debug("retraining %d steps with the given per-example weights", recipe.num_steps)
     t0 = time.perf_counter()
     state = train(recipe, w)
     log.debug("retrained in %.2fs", time.perf_counter() - t0)
@@ -325,6 +336,9 @@ def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], r
     from .lds import run_lds
     from .measure import parse_targets
     from .plots import lds_figure
+    # Bad options fail before the lock is taken and the data loaded (run_lds checks them again,
+    # keep against the training set size too).
+    check_lds_arguments(models, keep, removal, mask_seed, models_per_batch)
     # Under torchrun every rank retrains its share of the models (distributed.py).
     recipe, store = open_trained(run_dir, join_torchrun=True, store_url=store_url)
     try:

@@ -1,20 +1,22 @@
 """The `fastreplay` command line (Typer). Each command is a thin shell over fastreplay.api."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
 import sys
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Callable, List, Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 
 from .config import PRESETS, load_config, to_toml
 from .exceptions import ConfigError, FastReplayError
 from .paths import require_path_text, resolve_store_url
-from .progress import log, setup_logging
+from .progress import LEVELS, log, setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Exact data attribution: MAGIC scores by replaying training backwards.")
@@ -34,9 +36,11 @@ def _store_url(value: str) -> str:
 
 
 Preset = Annotated[str, typer.Option(help=f"Base recipe: {', '.join(PRESETS)}.")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", parser=_path("--config"), help="TOML file; tables [data], [model], [train], [measure], [replay].")]
+# Help texts are rich markup: escape() keeps "[data]" from being read as a style tag and vanishing.
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", parser=_path("--config"), help=escape(
+    "TOML file; tables [data], [model], [train], [measure], [replay], top-level seed and device."))]
 Sets = Annotated[Optional[List[str]], typer.Option("--set", help="Dotted override, repeatable: --set train.lr=0.4")]
-LogLevel = Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")]
+LogLevel = Annotated[str, typer.Option(help=f"{', '.join(LEVELS[:-1])} or {LEVELS[-1]}.")]
 LogFile = Annotated[Optional[Path], typer.Option(parser=_path("--log-file"), help="Also write the log to this file.")]
 Download = Annotated[bool, typer.Option(help="Download CIFAR-10 if it is missing.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
@@ -51,6 +55,36 @@ RUN_DIR_PATH = _path("--run-dir")
 
 def _config(preset: str, config: Optional[Path], sets: Optional[List[str]]):
     return load_config(preset, config, sets or [])
+
+
+class Interrupted(Exception):
+    """Ctrl-C inside a command; the message says what is kept and how to go on."""
+
+
+def _interruptible(command: str) -> Callable:
+    """Turn Ctrl-C inside ``command`` into Interrupted, which main() reports with exit code 130.
+
+    It has to be caught here, inside the command: Typer catches a KeyboardInterrupt that reaches
+    it and turns it into an exit code that, under standalone_mode=False, it *returns* instead of
+    exiting with, so the process used to end silently with code 0.
+    """
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(**kwargs):
+            try:
+                return fn(**kwargs)
+            except KeyboardInterrupt:
+                raise Interrupted(_interrupted_message(command, kwargs)) from None
+        return run
+    return decorate
+
+
+def _interrupted_message(command: str, args: dict) -> str:
+    """magic and lds keep what they stored and resume from it; the other commands store nothing."""
+    if command in ("magic", "lds"):
+        where = args.get("store") or args["run_dir"]
+        return f"interrupted; rerun the same command to resume (what is stored in {where} is kept)"
+    return f"interrupted; `fastreplay {command}` stores nothing: rerun it to start again"
 
 
 def _strict_json(obj):
@@ -71,11 +105,12 @@ def _echo_json(obj) -> None:
 
 
 @app.command()
+@_interruptible("magic")
 def magic(
     targets: Annotated[str, typer.Option(help="Test examples to attribute: 0,5,7 or 0:50.")],
     run_dir: Annotated[Path, typer.Option(parser=RUN_DIR_PATH, help="Run directory (holds run.zarr, plots/, config.toml).")],
     preset: Preset = "quick", config: ConfigFile = None, set_: Sets = None,
-    scores_out: Annotated[Optional[Path], typer.Option(parser=_path("--scores-out"), help="Also save the scores (targets x N) as .npy.")] = None,
+    scores_out: Annotated[Optional[Path], typer.Option(parser=_path("--scores-out"), help="Also save the scores (targets x N) to this .npy file (.npy is appended unless the name ends with it).")] = None,
     force: Annotated[bool, typer.Option(help="Discard an existing run store in --run-dir (or at --store).")] = False,
     plots: Annotated[bool, typer.Option(help="Save a PNG per target.")] = True,
     store: Store = None, download: Download = False, json_: Json = False,
@@ -89,6 +124,9 @@ def magic(
     from .distributed import init_from_env
 
     cfg = _config(preset, config, set_)
+    if scores_out is not None and scores_out.is_dir():
+        raise ConfigError(f"--scores-out {scores_out} is a directory; name a file in it, e.g. "
+                          f"{scores_out / 'scores.npy'}")
     cfg.device = init_from_env(cfg.device)  # under torchrun: this rank's device
     num_test = _num_test(cfg, download)
     ids = parse_targets(targets, num_test)
@@ -113,6 +151,7 @@ def _num_test(cfg, download: bool) -> int:
 
 
 @app.command("train")
+@_interruptible("train")
 def train_cmd(
     weights: Annotated[Optional[Path], typer.Option(help="Per-example weights, float .npy of length N (default: all ones).")] = None,
     measure: Annotated[str, typer.Option(help="Test examples to measure after training: 0,5 or 0:10.")] = "0",
@@ -132,10 +171,7 @@ def train_cmd(
     if weights is None:
         w = np.ones(recipe.num_train)
     else:
-        try:
-            w = np.load(weights, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read weights {weights}: {exc}; save them with numpy.save") from None
+        w = _load_weights(weights)
     values = counterfactual(cfg, w, ids, recipe=recipe)
     out = {"measure": {"index": ids, "value": [float(v) for v in values]}, "kind": cfg.measure.kind}
     if json_:
@@ -145,7 +181,18 @@ def train_cmd(
             typer.echo(f"test {i}: {cfg.measure.kind} = {v:.6g}")
 
 
+def _load_weights(path: Path) -> np.ndarray:
+    """A .npy file of weights, any failure to read it as one a ConfigError (an empty file raises
+    EOFError, which Typer would otherwise swallow as an abort)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"cannot read weights {path}: {reason}; save them with numpy.save") from None
+
+
 @app.command()
+@_interruptible("lds")
 def lds(
     run_dir: Annotated[Path, typer.Option(parser=RUN_DIR_PATH, help="Run directory of a `fastreplay magic` run.")],
     models: Annotated[int, typer.Option(help="Number of subset retrainings M.")] = 100,
@@ -161,8 +208,6 @@ def lds(
     setup_logging(log_level, log_file)
     from .api import run_lds_command
 
-    if models_per_batch < 0:
-        raise ConfigError("--models-per-batch must be >= 0 (0 = pick automatically)")
     res = run_lds_command(run_dir, models, keep, targets, removal, mask_seed, plots,
                           models_per_batch, store_url=store)
     if res is None:  # a torchrun rank other than 0: rank 0 reports
@@ -176,26 +221,59 @@ def lds(
                  res.models, res.keep, res.removal)
 
 
+MAX_BENCH_TARGETS = 100
+"""bench --targets: K measurements take K parameter-sized vectors (26 MB each for resnet9)."""
+
+
+def _bench_counts(spec: str) -> tuple[int, ...]:
+    """bench --targets "1,10": the measurement counts K, each in 1..MAX_BENCH_TARGETS."""
+    try:
+        ks = tuple(int(k) for k in spec.split(","))
+    except ValueError:
+        ks = ()
+    if not ks or not all(1 <= k <= MAX_BENCH_TARGETS for k in ks):
+        raise ConfigError(f"--targets {spec!r}: use measurement counts in 1..{MAX_BENCH_TARGETS}, "
+                          "e.g. 1,10")
+    return ks
+
+
+def _check_bench_device(device: str) -> None:
+    """bench --device: a name torch knows, of a device this machine has."""
+    import torch
+
+    from .config import DEVICE_NAME
+    from .recipe import resolve_device
+
+    if device == "auto" or not DEVICE_NAME.fullmatch(device):
+        raise ConfigError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is visible; use --device cpu")
+    resolve_device(device)
+
+
 @app.command()
+@_interruptible("bench")
 def bench(
     what: Annotated[str, typer.Argument(help="kernels (fused adjoint vs foreach) or replay (step and run costs of a recipe).")] = "kernels",
-    device: Annotated[str, typer.Option(help="cuda or cpu.")] = "cuda",
-    targets: Annotated[str, typer.Option(help="Measurement counts K to time, e.g. 1,10.")] = "1,10",
+    device: Annotated[str, typer.Option(help="cuda, cuda:N or cpu.")] = "cuda",
+    targets: Annotated[str, typer.Option(help=f"Measurement counts K to time, e.g. 1,10 (each 1..{MAX_BENCH_TARGETS}).")] = "1,10",
     preset: Preset = "full", config: ConfigFile = None, set_: Sets = None,
-    json_: Json = False,
+    json_: Json = False, log_level: LogLevel = "WARNING", log_file: LogFile = None,
 ):
     """Benchmarks against the pure-PyTorch reference path (see benchmarks/RESULTS.md)."""
+    setup_logging(log_level, log_file)
+    if what not in ("kernels", "replay"):
+        raise ConfigError(f"unknown benchmark {what!r}; available: kernels, replay")
+    ks = _bench_counts(targets)
+    _check_bench_device(device)
     from .bench import bench_kernels, bench_replay
 
-    ks = tuple(int(k) for k in targets.split(","))
     if what == "kernels":
         out = bench_kernels(device, targets=ks)
         rows = out["rows"]
-    elif what == "replay":
+    else:
         out = bench_replay(_config(preset, config, (set_ or []) + [f"device={device}"]), targets=max(ks))
         rows = [out]
-    else:
-        raise ConfigError(f"unknown benchmark {what!r}; available: kernels, replay")
     if json_:
         _echo_json(out)
         return
@@ -204,6 +282,7 @@ def bench(
 
 
 @app.command()
+@_interruptible("smoothness")
 def smoothness(
     run_dir: Annotated[Path, typer.Option(parser=RUN_DIR_PATH, help="Run directory of a `fastreplay magic` run.")],
     keep: Annotated[float, typer.Option(help="Fraction kept by the probe direction (as in LDS).")] = 0.99,
@@ -213,10 +292,10 @@ def smoothness(
     """Cheap predictability check of a recipe in four trainings of the attribution window: determinism (one) and linearity along one LDS-like direction (three)."""
     setup_logging(log_level, log_file)
     from .api import open_trained
+    from .arguments import check_smoothness_arguments
     from .smoothness import PASS_THRESHOLD, check_smoothness
 
-    if not 0 < keep < 1:
-        raise ConfigError(f"--keep {keep}: use a fraction in (0, 1), e.g. 0.99")
+    check_smoothness_arguments(keep, seed)  # before the lock is taken and the data loaded
     recipe, run_store = open_trained(run_dir, store_url=store)
     rep = check_smoothness(recipe, run_store, keep, seed)
     if json_:
@@ -229,6 +308,7 @@ def smoothness(
 
 
 @app.command("show-config")
+@_interruptible("show-config")
 def show_config(preset: Preset = "quick", config: ConfigFile = None, set_: Sets = None,
                 json_: Json = False):
     """Print the resolved configuration (preset < --config < --set) and exit."""
@@ -253,6 +333,7 @@ def clean(run_dir: Annotated[Path, typer.Argument(parser=_path("RUN_DIR"), help=
 
 
 @app.command()
+@_interruptible("info")
 def info(json_: Json = False):
     """Versions, the device, and whether the compiled kernels are loaded."""
     import torch
@@ -278,21 +359,68 @@ def info(json_: Json = False):
 
 
 def main() -> None:
+    """Run the command the arguments name and exit with its code: 0 done, 2 bad input (one
+    `error: ...` line on stderr), 130 interrupted (Ctrl-C)."""
+    code = _run_command()
+    _settle_store_writes()
+    sys.exit(code)
+
+
+def _run_command() -> int:
     try:
-        app(standalone_mode=False)
+        returned = app(standalone_mode=False)
     except FastReplayError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except (typer.Exit, SystemExit) as exc:
-        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-        sys.exit(code or 0)
-    except Exception as exc:  # click usage errors (typer bundles its own click)
-        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if type(exc).__name__ == "Abort":
-            sys.exit(130)
-        raise
+        return _error(str(exc))
+    except Interrupted as exc:
+        typer.echo(exc, err=True)
+        return 130
+    except KeyboardInterrupt:  # before a command started (Typer catches it inside one)
+        typer.echo("interrupted", err=True)
+        return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception as exc:
+        if _is_click_error(exc):
+            return _click_error(exc)
+        if type(exc).__name__ == "Abort" and isinstance(exc.__context__, KeyboardInterrupt):
+            typer.echo("interrupted", err=True)  # click without Typer's own handling: Ctrl-C
+            return 130
+        raise  # an EOFError that Typer wrapped as Abort, or a bug: its traceback says where
+    # Under standalone_mode=False Typer returns exit codes instead of exiting with them:
+    # typer.Exit(n), and 130 for a Ctrl-C it caught itself (outside our commands, e.g. clean).
+    if returned == 130:
+        typer.echo("interrupted", err=True)
+    return returned if isinstance(returned, int) else 0
+
+
+def _error(message: str) -> int:
+    """The one line of bad input, `error: <what is wrong>; <how to fix it>`, and exit code 2."""
+    typer.echo("error: " + " ".join(message.split("\n")), err=True)
+    return 2
+
+
+def _is_click_error(exc: Exception) -> bool:
+    """Click's own errors (Typer bundles its own click, so test by shape, not class)."""
+    return hasattr(exc, "show") and hasattr(exc, "exit_code")
+
+
+def _click_error(exc) -> int:
+    """Usage errors (unknown option, bad value, missing option) as our one error line; the
+    help that `fastreplay` alone prints stays as it is."""
+    if type(exc).__name__ == "NoArgsIsHelpError" or exc.exit_code != 2:
+        exc.show()
+        return exc.exit_code
+    ctx = getattr(exc, "ctx", None)
+    hint = f"see `{ctx.command_path} --help`" if ctx is not None else "see --help"
+    return _error(f"{exc.format_message().rstrip('.')}; {hint}")
+
+
+def _settle_store_writes() -> None:
+    """Writes zarr still has in flight (a command that failed or was interrupted mid-write) are
+    settled before exiting, so they do not end as asyncio noise on stderr (store/pending.py)."""
+    if "zarr.core.sync" in sys.modules:
+        from .store.pending import settle_pending_writes
+        settle_pending_writes()
 
 
 if __name__ == "__main__":

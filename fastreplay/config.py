@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +157,35 @@ class RunConfig:
 
 SECTIONS = ("data", "model", "train", "measure", "replay")
 
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+"""The device names a config (or `bench --device`) accepts."""
+
+SEED_MAX = 2**32 - 1
+"""Seeds (``seed``, ``lds --mask-seed``, ``smoothness --seed``) lie in 0..SEED_MAX: NumPy's
+generators refuse negative seeds and 32 bits are plenty of distinct runs."""
+
+# Bounds on every integer of a config, checked before anything is allocated: a typo such as
+# train.epochs=99999999999999999999 must be a one-line error, not minutes of swapping and then a
+# MemoryError. They lie far beyond any run fastreplay is meant for (the full recipe: 50,000
+# CIFAR-10 images of 32x32, 16 epochs of batch 512). The optional third entry says why.
+INT_LIMITS: dict[str, tuple[int, int, str]] = {
+    "seed": (0, SEED_MAX, ""),
+    "data.num_train": (0, 1_000_000, "0 = all"),
+    "data.num_test": (0, 1_000_000, "0 = all"),
+    "data.image_size": (4, 256, ""),
+    "data.num_classes": (2, 1000, ""),
+    "data.crop_padding": (0, 255, ""),
+    "model.hidden": (1, 65_536, ""),
+    "train.epochs": (1, 1000, ""),
+    "train.batch_size": (2, 65_536, "BatchNorm needs two examples"),
+    "replay.checkpoint_every": (1, 1_000_000_000, ""),
+    "replay.tree_arity": (2, 1024, ""),
+    "replay.start_step": (0, 1_000_000_000, ""),
+    "replay.target_batch": (1, 100_000, ""),
+}
+MAX_WIDTH = 8.0
+"""model.width at most 8 (resnet9 at width 8 has 420M parameters)."""
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Minutes on a CPU laptop: a small CNN with BatchNorm (10.5k parameters) on a 5,000-image
     # CIFAR-10 subset, 8 epochs: about 56% test accuracy (1,000 test images).
@@ -220,7 +251,11 @@ def _coerce(value: Any, default: Any, path: str) -> Any:
             return value
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # a TOML integer beyond any float: --set train.lr=1000...0
+                raise ConfigError(f"config key {path!r} is too large for a number; use a "
+                                  "finite number, e.g. 1e9") from None
     elif isinstance(default, str):
         return str(value)
     raise ConfigError(f"config key {path!r} must be a {type(default).__name__}, got {value!r}")
@@ -241,16 +276,38 @@ def _build(d: dict) -> RunConfig:
     return RunConfig(**kwargs)
 
 
+def _flat_values(cfg: RunConfig) -> dict[str, Any]:
+    """Every value of ``cfg`` by its dotted name (seed, data.num_train, ...)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def check_bounds(cfg: RunConfig) -> None:
+    """Every number finite and every integer within INT_LIMITS: huge values must fail here,
+    before they are used to size an array."""
+    for path, value in _flat_values(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}={value} is not a finite number; use a finite value")
+        if path in INT_LIMITS:
+            lo, hi, why = INT_LIMITS[path]
+            if not lo <= value <= hi:
+                raise ConfigError(f"{path}={value} is out of range; use {lo}..{hi}"
+                                  + (f" ({why})" if why else ""))
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
 
+    check_bounds(cfg)
     need(cfg.data.name in ("cifar10", "synthetic"), f"data.name={cfg.data.name!r}: use cifar10 or synthetic")
-    need(cfg.data.num_train >= 0 and cfg.data.num_test >= 0, "data.num_train/num_test must be >= 0 (0 = all)")
-    need(cfg.data.image_size >= 4, "data.image_size must be >= 4")
-    need(cfg.data.num_classes >= 2, "data.num_classes must be >= 2")
-    need(0 <= cfg.data.crop_padding < cfg.data.image_size, "data.crop_padding must be in [0, image_size)")
+    need(cfg.data.crop_padding < cfg.data.image_size, "data.crop_padding must be in [0, image_size)")
     if cfg.data.name == "cifar10":
         need(cfg.data.image_size == 32 and cfg.data.num_classes == 10,
              "CIFAR-10 has 32x32 images and 10 classes: set data.image_size=32, data.num_classes=10")
@@ -258,10 +315,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(cfg.model.activation in ("gelu", "relu"), "model.activation must be gelu or relu")
     need(cfg.model.pool in ("avg", "max"), "model.pool must be avg or max")
     need(cfg.model.width > 0 and cfg.model.output_scale > 0, "model.width and model.output_scale must be > 0")
+    need(cfg.model.width <= MAX_WIDTH, f"model.width={cfg.model.width:g} is too large; use at most "
+         f"{MAX_WIDTH:g}")
     need(0 < cfg.model.bn_momentum <= 1, "model.bn_momentum must be in (0, 1]")
     t = cfg.train
-    need(t.epochs >= 1, "train.epochs must be >= 1")
-    need(t.batch_size >= 2, "train.batch_size must be >= 2 (BatchNorm needs two examples)")
     if cfg.data.num_train:
         need(t.batch_size <= cfg.data.num_train, "train.batch_size exceeds data.num_train")
     need(t.lr > 0, "train.lr must be > 0")
@@ -277,8 +334,6 @@ def validate(cfg: RunConfig) -> RunConfig:
          "train.bf16 mixes bfloat16 into a float32 run; add --set train.dtype=float32")
     need(cfg.measure.kind in ("loss", "margin"), f"measure.kind={cfg.measure.kind!r}: use loss or margin")
     r = cfg.replay
-    need(r.checkpoint_every >= 1, "replay.checkpoint_every must be >= 1")
-    need(r.start_step >= 0, "replay.start_step must be >= 0")
     need(r.window_epochs >= 0, "replay.window_epochs must be >= 0 (0 = no window)")
     need(r.window_epochs == 0 or r.start_step == 0,
          f"replay.window_epochs={r.window_epochs:g} and replay.start_step={r.start_step} both set "
@@ -287,17 +342,35 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(r.schedule != "every" or r.checkpoint_every == 1,
          f"replay.schedule=every stores every state, but replay.checkpoint_every="
          f"{r.checkpoint_every}; set --set replay.checkpoint_every=1 (or use interval/tree)")
-    need(r.tree_arity >= 2, "replay.tree_arity must be >= 2")
     need(r.backend in ("auto", "fused", "reference"), "replay.backend must be auto, fused or reference")
-    need(r.target_batch >= 1, "replay.target_batch must be >= 1")
     need(r.hvp in ("auto", "reverse", "forward", "forward-vmap"),
          f"replay.hvp={r.hvp!r}: use auto, reverse, forward or forward-vmap")
     need(not (r.compile and r.hvp == "reverse"),
          "replay.compile applies to the forward-over-reverse step; use --set replay.hvp=forward "
          "(or auto) with it, or drop replay.compile")
-    need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+    need(DEVICE_NAME.fullmatch(cfg.device) is not None,
          f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
     return cfg
+
+
+def _read_toml(path: Path) -> dict:
+    """The tables of a --config file; anything that is not a readable UTF-8 TOML file (a
+    directory, a binary file, a typo) is a one-line ConfigError."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a TOML file")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path} ({exc.strerror or exc}); check its "
+                          "permissions") from None
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {byte:#04x} at offset "
+                          f"{exc.start}); pass a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
 def load_config(preset: str = "quick", config_file: Optional[str | os.PathLike] = None,
@@ -307,13 +380,7 @@ def load_config(preset: str = "quick", config_file: Optional[str | os.PathLike] 
     d = RunConfig().to_dict()
     _merge(d, PRESETS[preset])
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            _merge(d, tomllib.loads(path.read_text()))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        _merge(d, _read_toml(Path(config_file)))
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():

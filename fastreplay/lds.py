@@ -21,6 +21,7 @@ import torch
 from scipy.stats import rankdata
 from scipy.stats import t as student_t
 
+from .arguments import check_lds_arguments
 from .distributed import barrier, gather_all, is_main, shard, world_size
 from .config import score_name
 from .exceptions import ConfigError, StoreError, TrainingError
@@ -170,12 +171,7 @@ def checked_row(row: np.ndarray, model: int, targets: list[int], removal: str,
 def run_lds(recipe: Recipe, store, models: int, keep: float, targets: Optional[list[int]],
             removal: str = "weight", mask_seed: int = 0, models_per_batch: int = 0):
     """Returns (result, predicted (M, K), measured (M, K)) for the chosen targets."""
-    if not 0 < keep < 1:
-        raise ConfigError(f"--keep {keep}: use a fraction in (0, 1), e.g. 0.99")
-    if removal not in ("weight", "drop"):
-        raise ConfigError(f"--removal {removal!r}: use weight or drop")
-    if models < 3:
-        raise ConfigError("--models must be >= 3 for a rank correlation")
+    check_lds_arguments(models, keep, removal, mask_seed, models_per_batch, recipe.num_train)
     kind = recipe.cfg.measure.kind
     all_scores, scored = stored_scores(recipe, store)
     targets = targets or scored

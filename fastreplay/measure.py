@@ -9,8 +9,27 @@ from .recipe import Recipe
 
 
 def parse_targets(spec: str, num_test: int) -> list[int]:
-    """'0,5,7' or '0:50' (or a mix, '0:10,42') -> sorted unique test indices, range-checked."""
-    out: list[int] = []
+    """'0,5,7' or '0:50' (or a mix, '0:10,42') -> sorted unique test indices, range-checked.
+
+    Ranges are checked against the test set before they are expanded, so a typo such as
+    0:99999999999 is a one-line error instead of a list that eats the memory.
+    """
+    spans = _target_spans(spec)
+    for lo, hi in spans:
+        if lo < hi and (lo < 0 or hi > num_test):
+            bad = lo if lo < 0 or lo >= num_test else num_test
+            raise ConfigError(f"target {bad} is out of range: the test set has {num_test} "
+                              f"examples (valid 0..{num_test - 1}); raise data.num_test or pick "
+                              "smaller ids")
+    out = sorted({i for lo, hi in spans for i in range(lo, hi)})
+    if not out:
+        raise ConfigError(f"targets {spec!r} select no test example; use e.g. 0,5,7 or 0:50")
+    return out
+
+
+def _target_spans(spec: str) -> list[tuple[int, int]]:
+    """The half-open ranges [lo, hi) a targets spec names ('7' is [7, 8)), not expanded."""
+    spans = []
     try:
         for part in spec.split(","):
             part = part.strip()
@@ -18,18 +37,12 @@ def parse_targets(spec: str, num_test: int) -> list[int]:
                 continue
             if ":" in part:
                 lo, hi = part.split(":", 1)
-                out.extend(range(int(lo or 0), int(hi)))
+                spans.append((int(lo or 0), int(hi)))
             else:
-                out.append(int(part))
+                spans.append((int(part), int(part) + 1))
     except ValueError:
         raise ConfigError(f"targets {spec!r} are not integers; use e.g. 0,5,7 or 0:50") from None
-    if not out:
-        raise ConfigError(f"targets {spec!r} select no test example; use e.g. 0,5,7 or 0:50")
-    bad = [i for i in out if i < 0 or i >= num_test]
-    if bad:
-        raise ConfigError(f"target {bad[0]} is out of range: the test set has {num_test} examples "
-                          f"(valid 0..{num_test - 1}); raise data.num_test or pick smaller ids")
-    return sorted(set(out))
+    return spans
 
 
 def measurement_values(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:

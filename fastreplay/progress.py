@@ -11,25 +11,44 @@ from rich.logging import RichHandler
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from .exceptions import ConfigError
+
 log = logging.getLogger("fastreplay")
 _console = Console(stderr=True)
 _enabled = sys.stderr.isatty()
 _live: Optional[Progress] = None
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def setup_logging(level: str = "INFO", log_file: Optional[str] = None,
                   progress: Optional[bool] = None) -> None:
+    """Log to stderr (rich) and, with ``log_file``, to that file too. Checked first, so a bad
+    --log-level or --log-file is a one-line ConfigError before any work starts."""
     global _enabled
+    if level.upper() not in LEVELS:
+        raise ConfigError(f"--log-level {level!r}: use {', '.join(LEVELS[:-1])} or {LEVELS[-1]}")
     if progress is not None:
         _enabled = progress
     handlers: list[logging.Handler] = [RichHandler(console=_console, show_path=False)]
     if log_file:
-        fh = logging.FileHandler(log_file)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handlers.append(fh)
+        handlers.append(_file_handler(log_file))
+    for old in log.handlers:
+        old.close()
     log.handlers[:] = handlers
     log.setLevel(level.upper())
     log.propagate = False
+
+
+def _file_handler(log_file) -> logging.Handler:
+    try:
+        fh = logging.FileHandler(log_file)
+    except OSError as exc:
+        raise ConfigError(f"--log-file {log_file}: cannot open it ({exc.strerror or exc}); create "
+                          "its directory or choose another path") from None
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return fh
 
 
 @contextmanager

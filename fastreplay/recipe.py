@@ -25,7 +25,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA device is visible; use --set device=cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are "
+                          "visible; use cuda:0 or set CUDA_VISIBLE_DEVICES")
+    return device
 
 
 def configure_determinism(device: torch.device, tf32: bool) -> None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .arguments import check_smoothness_arguments
 from .lds import stored_scores
 from .measure import measure
 from .multitrain import train_many
@@ -48,6 +49,7 @@ class SmoothnessReport:
 def check_smoothness(recipe: Recipe, store, keep: float = 0.99, seed: int = 0) -> SmoothnessReport:
     from scipy.stats import spearmanr
 
+    check_smoothness_arguments(keep, seed)
     kind = recipe.cfg.measure.kind
     scores, targets = stored_scores(recipe, store)
     final = load_final(recipe, store)

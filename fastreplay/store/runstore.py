@@ -178,8 +178,9 @@ class RunStore:
             found = identify(path)
             if found.kind not in (Kind.ABSENT, Kind.RUN_STORE):  # damaged, or not ours
                 raise refusal(path, found) from None
-            raise StoreError(f"no run store at {path} ({type(exc).__name__}); run `fastreplay "
-                             f"train` first or check {'--store' if is_remote(path) else '--run-dir'}") from exc
+            raise StoreError(f"no run store at {path} ({type(exc).__name__}); run `fastreplay magic "
+                             f"--run-dir DIR{' --store ' + path if is_remote(path) else ''} ...` "
+                             f"first or check {'--store' if is_remote(path) else '--run-dir'}") from exc
         if "fingerprint" not in group.attrs or "config" not in group.attrs:
             raise StoreError(f"{path} is a Zarr group but not a fastreplay run store; "
                              "check --run-dir")
@@ -257,7 +258,7 @@ class RunStore:
             return self._group[name]
         except KeyError as exc:
             raise StoreError(f"{self.path} has no '{name}'; the run was not allocated/trained "
-                             "this far (or its checkpoints were cleaned): rerun `fastreplay train`") from exc
+                             "this far (or its checkpoints were cleaned): rerun `fastreplay magic` (with --force if cleaned)") from exc
 
     def _require(self, name: str, shape: tuple, dtype: str, chunks: tuple, fill=0) -> bool:
         """Create array ``name`` unless it exists with this shape and dtype; True if created."""
@@ -399,7 +400,7 @@ class RunStore:
         slot = self._check_slot(slot)
         if not bool(self._array("checkpoints/committed")[slot]):
             raise StoreError(f"checkpoint slot {slot} in {self.path} was never fully written "
-                             "(training crashed or is still running); rerun or resume `fastreplay train`")
+                             "(training crashed or is still running); rerun `fastreplay magic` to resume it")
         fix = ("rerun training with --force (or use another --run-dir); scores already stored "
                "stay readable until then")
         params, momentum, buffers, step = self._read_verified(
