@@ -17,7 +17,7 @@ import torch
 from .arguments import check_lds_arguments, check_weights
 from .config import RunConfig, score_name, to_toml
 from .distributed import barrier, gather_all, gather_to_main, is_main, shard, world_size
-from .exceptions import StoreError
+from .exceptions import ConfigError, StoreError
 from .faults import crash_point
 from .measure import measure
 from .progress import log

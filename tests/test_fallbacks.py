@@ -28,26 +28,6 @@ from fastreplay.replay import hvp_mode, replay
 TARGETS = [1, 4]
 
 
-class _IdentityWithoutVmap(torch.autograd.Function):
-    """The identity, with a backward and a jvp rule but no vmap rule."""
-
-    @staticmethod
-    def forward(x):
-        return x.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        return tangent
-
-
 class _IdentityWithoutJvp(torch.autograd.Function):
     """The identity, with a backward only: double backward works, forward-mode AD does not."""
 
@@ -62,6 +42,14 @@ class _IdentityWithoutJvp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad
+
+
+class _IdentityWithoutVmap(_IdentityWithoutJvp):
+    """The identity, with a backward and a jvp rule but no vmap rule."""
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent
 
 
 def _channels_last_clone(logits):

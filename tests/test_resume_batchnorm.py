@@ -15,7 +15,7 @@ import torch
 
 from fastreplay.config import load_config
 from fastreplay.models import FlatModel
-from test_robustness import KILLED, assert_clean, assert_same, fastreplay, ok, snapshot
+from test_robustness import assert_clean, assert_same, fastreplay, kill_at_each_then_finish, ok, snapshot
 
 # Float64 synthetic 8x8 images, tiny-cnn with BatchNorm (the test preset's model), 24 steps,
 # a checkpoint every 5 steps (5 slots; the last segment is shorter), 3 targets one at a time.
@@ -58,10 +58,7 @@ def test_the_run_has_running_statistics_worth_resuming(uninterrupted):
 
 def test_magic_with_batchnorm_survives_sigkill(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    for point in CRASHES:
-        proc = fastreplay(*MAGIC, "--run-dir", run_dir, crash=point)
-        assert proc.returncode == KILLED, f"{point}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    ok(fastreplay(*MAGIC, "--run-dir", run_dir, "--scores-out", tmp_path / "scores.npy"))
+    kill_at_each_then_finish(MAGIC, run_dir, CRASHES, "--scores-out", tmp_path / "scores.npy")
     got, want = snapshot(run_dir), uninterrupted["snapshot"]
     assert_same(got, want)  # every checkpoint row incl. buffers, final state, schedule, scores
     for (step, *_, b_got), (_, *_, b_want) in zip(got["checkpoints"], want["checkpoints"], strict=True):

@@ -157,12 +157,18 @@ MAGIC_CRASHES = [
 ]
 
 
+def kill_at_each_then_finish(args: list, run_dir: Path, points: list[str], *finish: str) -> None:
+    """Run ``args`` killed at each crash point in turn (each rerun resuming the last), then once
+    to completion with the extra arguments ``finish``."""
+    for point in points:
+        proc = fastreplay(*args, "--run-dir", run_dir, crash=point)
+        assert proc.returncode == KILLED, f"{point}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    ok(fastreplay(*args, "--run-dir", run_dir, *finish))
+
+
 def test_magic_survives_sigkill_at_every_phase(baseline, tmp_path):
     run_dir = tmp_path / "run"
-    for point in MAGIC_CRASHES:
-        proc = fastreplay(*MAGIC, "--run-dir", run_dir, crash=point)
-        assert proc.returncode == KILLED, f"{point}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    ok(fastreplay(*MAGIC, "--run-dir", run_dir, "--scores-out", tmp_path / "scores.npy"))
+    kill_at_each_then_finish(MAGIC, run_dir, MAGIC_CRASHES, "--scores-out", tmp_path / "scores.npy")
     assert_same(snapshot(run_dir), baseline["magic"])
     assert np.array_equal(np.load(tmp_path / "scores.npy"), baseline["scores_npy"])
     assert_clean(run_dir)
