@@ -269,9 +269,13 @@ def test_interrupted_training_stops_its_writer_before_the_lock_is_released(tmp_p
     monkeypatch.setattr(RunStore, "_write_checkpoint_now", slow_checkpoint)
     monkeypatch.setattr(train_mod, "run_steps", ctrl_c_at_step_8)
     monkeypatch.setattr("fastreplay.api.train_into_store", train_mod.train_into_store)
+
+    def writers() -> set:  # stores other tests left open keep theirs: count only new ones
+        return {t for t in threading.enumerate() if t.name == "fastreplay-writer" and t.is_alive()}
+    before = writers()
     with pytest.raises(KeyboardInterrupt):
         open_or_train(load_config("test", None, CONFIG[3::2]), tmp_path / "run")
-    assert not [t for t in threading.enumerate() if t.name == "fastreplay-writer" and t.is_alive()]
+    assert not writers() - before
     take = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
             "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")  # another process gets the lock
     subprocess.run([sys.executable, "-c", take, str(tmp_path / "run" / ".lock")], check=True,
