@@ -67,14 +67,30 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
+def _download_cifar10(root: str) -> None:
+    """Fetch and unpack the official archive into ``root``. No network, a proxy, a full disk or
+    a broken archive is a one-line DataError (the user can fetch the archive by other means)."""
+    try:
+        from torchvision.datasets.utils import download_and_extract_archive
+    except ImportError:
+        raise DataError("--download needs torchvision (pip install torchvision); or put "
+                        f"cifar-10-batches-py/ under {root} yourself") from None
+    try:
+        download_and_extract_archive(CIFAR10_URL, download_root=root)
+    except Exception as exc:  # URLError, HTTPError, OSError, tarfile errors, checksum mismatch
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"could not download CIFAR-10 from {CIFAR10_URL} ({type(exc).__name__}: "
+                        f"{reason[:200]}); fetch and unpack that archive under {root} yourself, "
+                        "or point $CIFAR_ROOT / data.root at a copy") from None
+
+
 def load_cifar10(root: str, download: bool = False) -> ImageData:
     base = _batches_dir(Path(root))
     if not (base / "test_batch").exists():
         if not download:
             raise DataError(f"CIFAR-10 not found under {root} (expected cifar-10-batches-py/); "
                             "pass --download, set $CIFAR_ROOT, or set data.root")
-        from torchvision.datasets.utils import download_and_extract_archive
-        download_and_extract_archive(CIFAR10_URL, download_root=root)
+        _download_cifar10(root)
         base = _batches_dir(Path(root))
     parts = [_read_batch(base / f) for f in _TRAIN_FILES]
     test_x, test_y = _read_batch(base / _TEST_FILES[0])

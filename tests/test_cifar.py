@@ -149,6 +149,26 @@ def test_missing_data_is_a_clear_error(tmp_path):
         load_data(load_config("quick", overrides=[f"data.root={tmp_path}"]))
 
 
+def test_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
+    """No network (CI, an offline machine): `--download` ends in one error line, exit 2."""
+    import urllib.error
+
+    import torchvision.datasets.utils as tv_utils
+    from test_robustness import _main
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    code, err = _main(monkeypatch, capsys, "magic", "--preset", "quick", "--targets", "0",
+                      "--run-dir", tmp_path / "run", "--download", "--no-plots",
+                      "--set", f"data.root={tmp_path / 'cifar'}")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: could not download CIFAR-10 from https://")
+    assert "URLError" in lines[0] and "$CIFAR_ROOT" in lines[0]
+
+
 def test_wrong_shape_is_a_clear_error(tiny_cifar, tmp_path):
     root, _ = tiny_cifar
     base = tmp_path / "cifar-10-batches-py"
