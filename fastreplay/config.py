@@ -47,7 +47,16 @@ class ModelConfig:
     activation: str = "gelu"
     """gelu (smooth: finite differences and LDS behave) or relu."""
     pool: str = "avg"
-    """Downsampling inside resnet9: avg (smooth) or max."""
+    """resnet9's pooling: avg (smooth) or max for its 2x downsamplings and its global pool; lse
+    for a log-sum-exp global pool, eps * log(mean over H x W of exp(x / eps)) (a smooth max:
+    max as lse_eps -> 0, mean as lse_eps -> inf), with max downsamplings unless
+    ``inner_pool`` says otherwise (the airbench/MAGIC-style net max-pools inside)."""
+    lse_eps: float = 0.1
+    """Temperature of the lse global pool (model.pool=lse), in activation units: lower is
+    closer to max and less smooth."""
+    inner_pool: str = ""
+    """resnet9's 2x downsamplings: avg or max; empty: what ``pool`` implies (pool itself for
+    avg and max, max for lse)."""
     output_scale: float = 0.125
     """Logits are multiplied by this (small values make training smoother)."""
     bn_momentum: float = 0.1
@@ -74,6 +83,12 @@ class TrainConfig:
     end_factor: float = 0.0
     bias_lr_scale: float = 1.0
     """Learning-rate multiplier for the no-decay group (BatchNorm parameters and biases)."""
+    lr_convention: str = "mean"
+    """What lr and weight_decay mean. mean: the step's own eta and lambda (mean loss over the
+    batch, docs/design.md §2). airbench: airbench94's decoupled hyperparameters (lr per 1024
+    examples, weight_decay per 1024 examples decoupled from the lr, summed loss), converted
+    once into the mean-loss step by recipe.lr_table and recipe.weight_decays (docs/design.md
+    §2, "The airbench convention")."""
     label_smoothing: float = 0.0
     dtype: str = "float64"
     """float32 | float64."""
@@ -93,6 +108,10 @@ class TrainConfig:
 class MeasureConfig:
     kind: str = "loss"
     """loss (cross-entropy of the target in eval mode) or margin (correct logit minus logsumexp of the others)."""
+    tta: str = "none"
+    """Test-time augmentation of the reported test ACCURACY only: none, or flip (average the
+    logits of each image and its horizontal mirror). Measurements, and so scores, never use
+    it: they stay the plain eval-mode outputs the scores differentiate."""
 
 
 @dataclass
@@ -150,12 +169,19 @@ class RunConfig:
         d.pop("measure")
         d["replay"] = {"checkpoint_every": self.replay.checkpoint_every}
         d.pop("device")
-        if not self.train.bf16:  # added later: runs without it keep their fingerprints
-            d["train"].pop("bf16")
+        # Keys added later are hashed only away from their defaults, so that older runs
+        # (made before the key existed, hence at its default) keep their fingerprints.
+        for section, key in KEYS_ADDED_LATER:
+            if d[section][key] == getattr(getattr(RunConfig(), section), key):
+                d[section].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 SECTIONS = ("data", "model", "train", "measure", "replay")
+
+KEYS_ADDED_LATER = (("train", "bf16"), ("train", "lr_convention"), ("model", "lse_eps"),
+                    ("model", "inner_pool"))
+"""Trajectory keys the fingerprint leaves out while they hold their defaults."""
 
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 """The device names a config (or `bench --device`) accepts."""
@@ -313,7 +339,10 @@ def validate(cfg: RunConfig) -> RunConfig:
              "CIFAR-10 has 32x32 images and 10 classes: set data.image_size=32, data.num_classes=10")
     need(cfg.model.name in ("resnet9", "tiny-cnn", "mlp"), f"model.name={cfg.model.name!r}: use resnet9, tiny-cnn or mlp")
     need(cfg.model.activation in ("gelu", "relu"), "model.activation must be gelu or relu")
-    need(cfg.model.pool in ("avg", "max"), "model.pool must be avg or max")
+    need(cfg.model.pool in ("avg", "max", "lse"), "model.pool must be avg, max or lse")
+    need(cfg.model.lse_eps > 0, "model.lse_eps must be > 0")
+    need(cfg.model.inner_pool in ("", "avg", "max"),
+         "model.inner_pool must be avg or max (or empty: what model.pool implies)")
     need(cfg.model.width > 0 and cfg.model.output_scale > 0, "model.width and model.output_scale must be > 0")
     need(cfg.model.width <= MAX_WIDTH, f"model.width={cfg.model.width:g} is too large; use at most "
          f"{MAX_WIDTH:g}")
@@ -328,11 +357,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(0 < t.peak_at < 1, "train.peak_at must be in (0, 1)")
     need(t.start_factor >= 0 and t.end_factor >= 0, "train.start_factor/end_factor must be >= 0")
     need(t.bias_lr_scale > 0, "train.bias_lr_scale must be > 0")
+    need(t.lr_convention in ("mean", "airbench"), "train.lr_convention must be mean or airbench")
     need(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
     need(t.dtype in ("float32", "float64"), f"train.dtype={t.dtype!r}: use float32 or float64")
     need(not t.bf16 or t.dtype == "float32",
          "train.bf16 mixes bfloat16 into a float32 run; add --set train.dtype=float32")
     need(cfg.measure.kind in ("loss", "margin"), f"measure.kind={cfg.measure.kind!r}: use loss or margin")
+    need(cfg.measure.tta in ("none", "flip"), "measure.tta must be none or flip")
     r = cfg.replay
     need(r.window_epochs >= 0, "replay.window_epochs must be >= 0 (0 = no window)")
     need(r.window_epochs == 0 or r.start_step == 0,

@@ -82,11 +82,23 @@ def measurement_grads(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor
     return torch.stack(values), torch.stack(g_theta), torch.stack(g_buf)
 
 
+def accuracy_logits(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor,
+                    x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode logits the accuracy is judged on: with measure.tta=flip the mean of the
+    logits of x and of its horizontal mirror. Only the accuracy figure uses this; measurements
+    (and so scores) are the plain logits' (see MeasureConfig.tta)."""
+    logits, _ = recipe.model.forward(theta, buffers, x, train=False)
+    if recipe.cfg.measure.tta == "flip":
+        mirrored, _ = recipe.model.forward(theta, buffers, x.flip(-1), train=False)
+        logits = 0.5 * logits + 0.5 * mirrored
+    return logits
+
+
 def accuracy(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor, batch: int = 1000) -> float:
     correct = 0
     with torch.no_grad():
         for lo in range(0, recipe.data.num_test, batch):
             idx = torch.arange(lo, min(lo + batch, recipe.data.num_test), device=recipe.device)
-            logits, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
+            logits = accuracy_logits(recipe, theta, buffers, recipe.data.test_batch(idx))
             correct += int((logits.argmax(1) == recipe.data.test_y[idx]).sum())
     return correct / recipe.data.num_test

@@ -9,10 +9,12 @@ differentiable function of theta: the reverse pass needs their Jacobian (docs/de
 resnet9 is the Myrtle/MAGIC-style ResNet-9: prep conv(64w), conv(128w)+pool, residual block,
 conv(256w)+pool, conv(512w)+pool, residual block, global pool, linear head without bias whose
 logits are scaled by ``model.output_scale``. Convolutions have no bias (BatchNorm follows).
-At width 1 it has 6,573,130 parameters; GELU and average pooling are the smooth options.
+At width 1 it has 6,573,130 parameters; GELU and average pooling are the smooth options
+(model.pool=lse: a log-sum-exp global pool, see GlobalPool).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,15 +91,28 @@ class Linear(nn.Linear):
 
 
 class GlobalPool(nn.Module):
-    """Global max or mean over H, W via amax/mean: unlike the adaptive pooling layers their
-    backward passes have deterministic CUDA kernels, which bitwise replay requires."""
+    """Global max, mean or log-sum-exp over H, W via amax/mean/logsumexp: unlike the adaptive
+    pooling layers their backward passes have deterministic CUDA kernels, which bitwise replay
+    requires, and all three differentiate in every HVP mode (double backward, jvp, vmap).
 
-    def __init__(self, kind: str):
+    lse is eps * log((1/(H W)) sum exp(x / eps)) = eps * logsumexp(x / eps) - eps * log(H W):
+    a smooth max that lies between the mean and the max (equal to both on a constant map),
+    tends to the max as eps -> 0 and to the mean as eps -> inf. Subtracting eps * log(H W)
+    keeps it on the activations' scale whatever the map size; logsumexp is the stable form.
+    """
+
+    def __init__(self, kind: str, eps: float = 0.1):
         super().__init__()
         self.kind = kind
+        self.eps = eps
 
     def forward(self, x):
-        return x.amax(dim=(2, 3)) if self.kind == "max" else x.mean(dim=(2, 3))
+        if self.kind == "max":
+            return x.amax(dim=(2, 3))
+        if self.kind == "lse":
+            area = x.shape[2] * x.shape[3]
+            return self.eps * (torch.logsumexp(x.flatten(2) / self.eps, dim=2) - math.log(area))
+        return x.mean(dim=(2, 3))
 
 
 def _act(name: str) -> nn.Module:
@@ -118,19 +133,28 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+def inner_pool_kind(pool: str, inner_pool: str) -> str:
+    """resnet9's 2x downsampling: inner_pool when set, else pool's own kind, max for lse (the
+    airbench/MAGIC-style net max-pools inside and smooths only the global pool)."""
+    if inner_pool:
+        return inner_pool
+    return "max" if pool == "lse" else pool
+
+
 class ResNet9(nn.Module):
     def __init__(self, num_classes: int, width: float, act: str, pool: str, output_scale: float,
-                 rho: float):
+                 rho: float, lse_eps: float = 0.1, inner_pool: str = ""):
         super().__init__()
         c = [max(1, int(round(k * width))) for k in (64, 128, 256, 512)]
-        down = (lambda: nn.MaxPool2d(2)) if pool == "max" else (lambda: nn.AvgPool2d(2))
+        inner = inner_pool_kind(pool, inner_pool)
+        down = (lambda: nn.MaxPool2d(2)) if inner == "max" else (lambda: nn.AvgPool2d(2))
         self.features = nn.Sequential(
             _conv_bn(3, c[0], act, rho),
             _conv_bn(c[0], c[1], act, rho), down(), Residual(c[1], act, rho),
             _conv_bn(c[1], c[2], act, rho), down(),
             _conv_bn(c[2], c[3], act, rho), down(), Residual(c[3], act, rho),
         )
-        self.global_pool = GlobalPool(pool)
+        self.global_pool = GlobalPool(pool, lse_eps)
         self.head = Linear(c[3], num_classes, bias=False)
         self.output_scale = output_scale
 
@@ -164,7 +188,8 @@ class MLP(nn.Module):
 def build_module(cfg: RunConfig) -> nn.Module:
     m, d = cfg.model, cfg.data
     if m.name == "resnet9":
-        return ResNet9(d.num_classes, m.width, m.activation, m.pool, m.output_scale, m.bn_momentum)
+        return ResNet9(d.num_classes, m.width, m.activation, m.pool, m.output_scale, m.bn_momentum,
+                       m.lse_eps, m.inner_pool)
     if m.name == "tiny-cnn":
         return TinyCNN(d.num_classes, m.width, m.activation, m.bn_momentum)
     return MLP(3 * d.image_size ** 2, m.hidden, d.num_classes, m.activation)

@@ -43,8 +43,41 @@ def configure_determinism(device: torch.device, tf32: bool) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+def airbench_scale(momentum: float) -> float:
+    """airbench94's "kilostep scale" 1024 (1 + 1/(1 - mu)): its lr and weight decay are per
+    1024 examples, and Nesterov momentum's step on a constant gradient is (1 + 1/(1 - mu))
+    times that gradient, which this divides out."""
+    return 1024 * (1 + 1 / (1 - momentum))
+
+
+def mean_loss_lr_and_decay(cfg: RunConfig) -> tuple[float, float]:
+    """(peak eta, lambda) of this package's mean-loss step for train.lr and train.weight_decay.
+
+    lr_convention=mean: they are eta and lambda themselves. lr_convention=airbench converts
+    airbench94's optimizer once: torch SGD on the SUMMED loss B L_mean with group lr
+    alpha_g = f_t lr s_g / S and coupled weight_decay kappa_g = (wd B / S) / (lr s_g / S)
+    (S = airbench_scale, s_g the group's lr multiplier, f_t the schedule factor, which scales
+    alpha but not kappa). With the momentum buffer m = buf / B its step is ours with
+    eta_g = B alpha_g = f_t s_g (lr B / S) and lambda_g = kappa_g / B = wd / (lr s_g), so
+    eta_g lambda_g = f_t wd B / S: the decay per step is independent of lr, as airbench
+    intends. For the decay group (s = 1): peak eta = lr B / S and lambda = wd / lr.
+    """
+    t = cfg.train
+    if t.lr_convention == "mean":
+        return t.lr, t.weight_decay
+    peak = t.lr * t.batch_size / airbench_scale(t.momentum)
+    return peak, t.weight_decay / t.lr
+
+
+def weight_decays(cfg: RunConfig, num_groups: int) -> list[float]:
+    """lambda per parameter group: the decay group's, and 0 for the no-decay group (biases and
+    BatchNorm parameters; airbench also decays its BatchNorm biases, which this does not)."""
+    return [mean_loss_lr_and_decay(cfg)[1], 0.0][:num_groups]
+
+
 def lr_table(cfg: RunConfig, num_steps: int, num_groups: int) -> np.ndarray:
-    """(T, groups) learning rates: the schedule's factor times the peak lr times the group scale."""
+    """(T, groups) learning rates: the schedule's factor times the peak eta (train.lr, converted
+    by mean_loss_lr_and_decay under lr_convention=airbench) times the group scale."""
     t = cfg.train
     s = np.arange(num_steps, dtype=np.float64)
     if t.schedule == "constant":
@@ -55,7 +88,8 @@ def lr_table(cfg: RunConfig, num_steps: int, num_groups: int) -> np.ndarray:
         down = 1 + (t.end_factor - 1) * (s - peak) / max(1.0, num_steps - peak)
         factor = np.where(s < peak, up, down)
     scales = [1.0, t.bias_lr_scale][:num_groups]
-    return t.lr * factor[:, None] * np.asarray(scales)[None, :]
+    peak_eta = mean_loss_lr_and_decay(cfg)[0]
+    return peak_eta * factor[:, None] * np.asarray(scales)[None, :]
 
 
 @dataclass
@@ -96,7 +130,7 @@ class Recipe:
             raise ConfigError(f"replay.start_step={cfg.replay.start_step} is not below the "
                               f"{self.num_steps} training steps")
         self.lrs = lr_table(cfg, self.num_steps, len(self.model.group_ends))
-        self.wds = [cfg.train.weight_decay, 0.0][:len(self.model.group_ends)]
+        self.wds = weight_decays(cfg, len(self.model.group_ends))
         # The forward step always uses the best available kernels; a replay must recompute
         # states with the same ones (checked against the store), whatever its adjoint backend.
         self.step_backend = resolve_backend("auto", self.device)

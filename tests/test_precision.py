@@ -14,7 +14,7 @@ import pytest
 
 from conftest import SMALL
 from fastreplay.api import open_or_train
-from fastreplay.config import load_config
+from fastreplay.config import KEYS_ADDED_LATER, load_config
 from fastreplay.exceptions import ConfigError
 from fastreplay.reference import unrolled_scores
 from fastreplay.replay import replay
@@ -67,9 +67,11 @@ def test_bf16_is_in_the_fingerprint_and_older_runs_keep_theirs():
     fp32 = load_config("test", overrides=["train.dtype=float32"])
     bf16 = dataclasses.replace(fp32, train=dataclasses.replace(fp32.train, bf16=True))
     assert fp32.fingerprint() != bf16.fingerprint()
-    # A run made before train.bf16 existed hashed its config without the key.
+    # A run made before train.bf16 (and the keys added after it) hashed its config without them.
     d = fp32.to_dict()
-    d.pop("measure"), d.pop("device"), d["train"].pop("bf16")
+    d.pop("measure"), d.pop("device")
+    for section, key in KEYS_ADDED_LATER:
+        d[section].pop(key)
     d["replay"] = {"checkpoint_every": fp32.replay.checkpoint_every}
     old = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert fp32.fingerprint() == old
