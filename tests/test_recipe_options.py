@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import SMALL
-from fastreplay import kernels
 from fastreplay.api import counterfactual, open_or_train
 from fastreplay.config import ConfigError, RunConfig, config_from_dict, load_config, to_toml
 from fastreplay.measure import accuracy_logits
