@@ -190,14 +190,9 @@ class RunStore:
     def exists(path) -> bool:
         """Whether ``path`` holds a run store. For a remote URL whose location cannot be used
         (unreachable endpoint, missing bucket or driver) this raises a one-line StoreError
-        rather than answering no."""
-        path = os.fspath(path)
-        if is_remote(path):
-            check_remote(path)
-        try:
-            return "fingerprint" in _open_zarr(path, "r").attrs
-        except Exception:
-            return False
+        rather than answering no. The same answer as identify() (store/identity.py), which
+        every delete and overwrite asks."""
+        return identify(path).kind is Kind.RUN_STORE
 
     def flush(self) -> None:
         self._writer.flush()
