@@ -155,17 +155,28 @@ def _num_test(cfg, download: bool) -> int:
 def train_cmd(
     weights: Annotated[Optional[Path], typer.Option(help="Per-example weights, float .npy of length N (default: all ones).")] = None,
     measure: Annotated[str, typer.Option(help="Test examples to measure after training: 0,5 or 0:10.")] = "0",
+    run_dir: Annotated[Optional[Path], typer.Option(parser=RUN_DIR_PATH, help="Train the run and store it here (no replay), for `smoothness`, or `magic` later; without it nothing is stored.")] = None,
+    force: Annotated[bool, typer.Option(help="With --run-dir: discard an existing run store there (or at --store).")] = False,
     preset: Preset = "quick", config: ConfigFile = None, set_: Sets = None,
-    download: Download = False, json_: Json = False,
+    store: Store = None, download: Download = False, json_: Json = False,
     log_level: LogLevel = "WARNING", log_file: LogFile = None,
 ):
-    """Retrain with per-example data weights and print the measurements (the counterfactual oracle)."""
+    """Retrain with per-example data weights and print the measurements (the counterfactual oracle); with --run-dir, train and store the run instead."""
     setup_logging(log_level, log_file)
     from .api import counterfactual
     from .measure import parse_targets
     from .recipe import Recipe
 
     cfg = _config(preset, config, set_)
+    if run_dir is None:
+        if store is not None or force:
+            raise ConfigError("--store and --force apply to a stored run; add --run-dir DIR")
+    else:
+        if weights is not None:
+            raise ConfigError("--weights retrains a counterfactual and stores nothing; drop "
+                              "--run-dir (or --weights to train and store the run)")
+        _train_into_run_dir(cfg, run_dir, force, download, store, json_)
+        return
     recipe = Recipe(cfg, download=download)
     ids = parse_targets(measure, recipe.data.num_test)
     if weights is None:
@@ -179,6 +190,23 @@ def train_cmd(
     else:
         for i, v in zip(ids, values):
             typer.echo(f"test {i}: {cfg.measure.kind} = {v:.6g}")
+
+
+def _train_into_run_dir(cfg, run_dir: Path, force: bool, download: bool, store: Optional[str],
+                        json_: bool) -> None:
+    """`train --run-dir`: train (or reuse) and store the run as `magic` would, replay nothing."""
+    from .api import open_or_train
+
+    recipe, run_store = open_or_train(cfg, run_dir, force, download, store)
+    out = {"run_dir": str(run_dir), "store": run_store.path, "steps": recipe.num_steps,
+           "test_accuracy": run_store.get_attr("test_accuracy"),
+           "train_seconds": run_store.get_attr("train_seconds")}
+    run_store.close()
+    if json_:
+        _echo_json(out)
+    else:
+        typer.echo(f"trained {out['steps']} steps in {out['train_seconds']:.1f}s, test accuracy "
+                   f"{100 * out['test_accuracy']:.2f}%; run stored in {out['store']}")
 
 
 def _load_weights(path: Path) -> np.ndarray:
@@ -287,24 +315,31 @@ def smoothness(
     run_dir: Annotated[Path, typer.Option(parser=RUN_DIR_PATH, help="Run directory of a `fastreplay magic` run.")],
     keep: Annotated[float, typer.Option(help="Fraction kept by the probe direction (as in LDS).")] = 0.99,
     seed: Annotated[int, typer.Option(help="Seed of the removed set.")] = 0,
+    targets: Annotated[Optional[str], typer.Option(help="Test examples to measure: scored ones when the store holds scores (default: all scored), else any (default 0:8).")] = None,
     store: Store = None, json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
 ):
-    """Cheap predictability check of a recipe in four trainings of the attribution window: determinism (one) and linearity along one LDS-like direction (three)."""
+    """Cheap predictability check of a recipe in four trainings of the attribution window: determinism (one), metasmoothness and linearity along one LDS-like direction (three); needs scores only for the linearity score."""
     setup_logging(log_level, log_file)
     from .api import open_trained
     from .arguments import check_smoothness_arguments
+    from .measure import parse_targets
     from .smoothness import PASS_THRESHOLD, check_smoothness
 
     check_smoothness_arguments(keep, seed)  # before the lock is taken and the data loaded
     recipe, run_store = open_trained(run_dir, store_url=store)
-    rep = check_smoothness(recipe, run_store, keep, seed)
+    ids = parse_targets(targets, recipe.data.num_test) if targets else None
+    rep = check_smoothness(recipe, run_store, keep, seed, ids)
     if json_:
         _echo_json(rep.to_json())
-    else:
-        log.info("deterministic: %s | smoothness %.2f (pass >= %.1f: %s) | Spearman(predicted, "
-                 "actual) %.2f | curvature ratio %.2f", rep.deterministic, rep.score,
-                 PASS_THRESHOLD, "PASS" if rep.passed else "FAIL",
+    elif rep.scored:
+        log.info("deterministic: %s | metasmoothness %.2f | smoothness %.2f (pass >= %.1f: %s) | "
+                 "Spearman(predicted, actual) %.2f | curvature ratio %.2f", rep.deterministic,
+                 rep.metasmoothness, rep.score, PASS_THRESHOLD, "PASS" if rep.passed else "FAIL",
                  rep.spearman_predicted_vs_actual, rep.median_curvature_ratio)
+    else:
+        log.info("deterministic: %s | metasmoothness %.2f | curvature ratio %.2f (no scores "
+                 "stored: run `fastreplay magic` for the linearity score)", rep.deterministic,
+                 rep.metasmoothness, rep.median_curvature_ratio)
 
 
 @app.command("show-config")

@@ -129,6 +129,18 @@ def stored_scores(recipe: Recipe, store) -> tuple[np.ndarray, list[int]]:
     return scores, [int(t) for t in attrs["targets"]]
 
 
+def scores_of(recipe: Recipe, store, targets: Optional[list[int]]) -> tuple[np.ndarray, list[int]]:
+    """The stored scores of ``targets`` (None or empty: every scored target) and those targets;
+    a target without scores is a one-line ConfigError."""
+    all_scores, scored = stored_scores(recipe, store)
+    targets = list(targets or scored)
+    missing = sorted(set(targets) - set(scored))
+    if missing:
+        raise ConfigError(f"targets {missing[:5]} have no scores yet; score them with "
+                          "`fastreplay magic --targets ...` first")
+    return all_scores[[scored.index(t) for t in targets]], targets
+
+
 def retrain_subset(recipe: Recipe, mask: np.ndarray, removal: str, start: TrainState) -> tuple:
     """Final (theta, buffers) of a retraining on the subset ``mask`` under the same schedule,
     from the shared state ``start`` (the run's state where the data weights begin to act)."""
@@ -173,13 +185,8 @@ def run_lds(recipe: Recipe, store, models: int, keep: float, targets: Optional[l
     """Returns (result, predicted (M, K), measured (M, K)) for the chosen targets."""
     check_lds_arguments(models, keep, removal, mask_seed, models_per_batch, recipe.num_train)
     kind = recipe.cfg.measure.kind
-    all_scores, scored = stored_scores(recipe, store)
-    targets = targets or scored
-    missing = sorted(set(targets) - set(scored))
-    if missing:
-        raise ConfigError(f"targets {missing[:5]} have no scores yet; score them with "
-                          "`fastreplay magic --targets ...` first")
-    scores = all_scores[[scored.index(t) for t in targets]]
+    scored = stored_scores(recipe, store)[1]
+    scores, targets = scores_of(recipe, store, targets)
     masks = subset_masks(recipe.num_train, models, keep, mask_seed)
     group = f"lds/{removal}_keep{keep:g}"
     attrs = {"keep": keep, "removal": removal, "mask_seed": mask_seed, "kind": kind}
