@@ -2,6 +2,8 @@
 # One row of the whole-run recipe search (benchmarks/RESULTS.md), on a 2-GPU machine:
 #   train once and replay TARGETS over the whole run (torchrun, ranks split the reverse passes),
 #   the smoothness screen (4 trainings, one GPU), then a small LDS (torchrun, ranks split models).
+# TARGETS=none: the cheap screen only, no replay and no LDS: `train --run-dir`, then
+#   `smoothness` (determinism and the metasmoothness S; 5 trainings in all).
 # Usage (on the GPU machine, from the checkout root, after `source .gpu/gpu_env.sh`):
 #   NAME=magic-w1 RECIPE="--preset full --set ..." TARGETS=0:4 MODELS=16 KEEP=0.99 \
 #     bash benchmarks/gpu_screen.sh
@@ -15,6 +17,15 @@ R=$OUT/$NAME.txt; L=$OUT/$NAME.log; RUN=runs/$NAME
 echo "recipe $NAME: $RECIPE targets $TARGETS models $MODELS keep $KEEP" | tee -a "$R"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee -a "$R"
 t0=$(date +%s)
+if [ "$TARGETS" = none ]; then
+  # shellcheck disable=SC2086
+  timeout "$T_MAGIC" python -m fastreplay train $RECIPE --run-dir "$RUN" --json \
+    --log-file "$L" 2>>"$L" | tee -a "$R"
+  echo "{\"step\": \"train\", \"wall_s\": $(( $(date +%s) - t0 ))}" | tee -a "$R"
+  timeout "$T_SMOOTH" python -m fastreplay smoothness --run-dir "$RUN" --keep "$KEEP" --json \
+    --log-file "$L" 2>>"$L" | tee -a "$R"
+  exit 0
+fi
 # shellcheck disable=SC2086
 timeout "$T_MAGIC" torchrun --standalone --nproc-per-node "$NPROC" -m fastreplay magic $RECIPE \
   --targets "$TARGETS" --run-dir "$RUN" --json --no-plots --log-file "$L" 2>>"$L" | tee -a "$R"
