@@ -291,7 +291,7 @@ def _twin(layer: nn.modules.batchnorm._BatchNorm) -> BatchNorm:
     """The BatchNorm twin of a stock layer: its momentum, eps and affine setting, and its very
     parameter and running-statistics tensors (so its initial values are kept). The stock
     ``num_batches_tracked`` counter is dropped: with a fixed momentum nothing reads it."""
-    dims = next(d for cls, d in _STOCK_BN_DIMS if isinstance(layer, cls))
+    dims = next((d for cls, d in _STOCK_BN_DIMS if isinstance(layer, cls)), None)
     twin = BatchNorm(layer.num_features, float(layer.momentum), float(layer.eps), layer.affine,
                      dims)
     if layer.affine:

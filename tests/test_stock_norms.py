@@ -196,6 +196,8 @@ def test_initial_weights_and_statistics_survive_the_swap():
     (lambda: nn.BatchNorm2d(3, momentum=0.3, eps=1e-3), (6, 3, 4, 5)),
     (lambda: nn.BatchNorm3d(3, momentum=0.3, affine=False), (6, 3, 2, 3, 4)),
     (lambda: nn.SyncBatchNorm(3, momentum=0.3), (6, 3, 4, 4)),
+    (lambda: type("MyNorm", (nn.modules.batchnorm._BatchNorm,),
+                  {"_check_input_dim": lambda self, x: None})(3, momentum=0.3), (6, 3, 4)),
 ])
 def test_the_twin_computes_what_the_stock_layer_does(factory, shape):
     """Same outputs in both modes and the same updated statistics as the stock layer (the root
