@@ -5,6 +5,9 @@ All parameters live in one flat vector ``theta`` with the parameter groups as co
 statistics in one flat vector ``buffers``. :class:`FlatModel` evaluates the network at any
 (theta, buffers) and, in train mode, also returns the updated running statistics as a
 differentiable function of theta: the reverse pass needs their Jacobian (docs/design.md §4).
+A user's own module (FlatModel's ``model_factory``) is checked and its stock BatchNorm layers
+swapped for the functional twin by :func:`prepare_module`; the built-in models below already
+use the twin, so for them that is a no-op.
 
 resnet9 is the Myrtle/MAGIC-style ResNet-9: prep conv(64w), conv(128w)+pool, residual block,
 conv(256w)+pool, conv(512w)+pool, residual block, global pool, linear head without bias whose
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .config import RunConfig
+from .exceptions import ConfigError, ReplayError
 
 BN_EPS = 1e-5
 
@@ -32,33 +36,59 @@ class BatchNorm(nn.Module):
 
     In train mode it stores ``(1 - rho) * running + rho * batch_stat`` (unbiased variance, as
     PyTorch does) in ``self.updated`` so the caller can collect them, keeping the graph to theta.
+    The stock layers a user module brings (nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm) are swapped
+    for this twin (:func:`prepare_module`), which then carries that layer's momentum, eps and
+    affine setting: inputs (N, C), (N, C, L), (N, C, H, W) and (N, C, D, H, W) alike, with
+    ``input_dims`` the stock layer's accepted input ranks (None: any, the built-in models).
     """
 
-    def __init__(self, channels: int, momentum: float):
+    def __init__(self, channels: int, momentum: float, eps: float = BN_EPS, affine: bool = True,
+                 input_dims: tuple | None = None):
         super().__init__()
         self.momentum = momentum
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+        self.input_dims = input_dims
+        # Set by FlatModel, which clears ``updated`` before each pass and collects it after:
+        # a second call in one pass is then an error (not when the layer is used on its own,
+        # as a plain nn.Module whose updates nobody reads, e.g. bench's eager baseline).
+        self.qualified_name = ""
+        self.one_call_per_pass = False
+        if affine:
+            self.weight = nn.Parameter(torch.ones(channels))
+            self.bias = nn.Parameter(torch.zeros(channels))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
         self.updated = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_dims is not None and x.dim() not in self.input_dims:
+            raise ValueError(f"expected {' or '.join(f'{d}D' for d in self.input_dims)} input "
+                             f"(got {x.dim()}D input)")
         shape = (1, -1) + (1,) * (x.dim() - 2)
         # In the run's precision (with train.bf16 the convolution before returns bf16): CUDA's
         # forward-mode BatchNorm formulas give float32 tangents for bf16 inputs, which the
         # next bf16 convolution's derivative then refuses.
         x = x.to(self.running_mean.dtype)
         if self.training:
+            if self.one_call_per_pass and self.updated is not None:
+                # A second call would start again from b_t, where torch chains the two updates.
+                raise ReplayError(f"BatchNorm layer {self.qualified_name!r} ran twice in one "
+                                  "forward pass; use a separate layer for each call")
             dims = [0] + list(range(2, x.dim()))
             var, mean = torch.var_mean(x, dim=dims, correction=0)
             n = x.numel() // x.shape[1]
             rho = self.momentum
             self.updated = ((1 - rho) * self.running_mean + rho * mean,
                             (1 - rho) * self.running_var + rho * var * (n / (n - 1)))
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, BN_EPS)
-        scale = self.weight * torch.rsqrt(self.running_var + BN_EPS)
-        return (x - self.running_mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if self.weight is not None:
+            scale = self.weight * scale
+        out = (x - self.running_mean.view(shape)) * scale.view(shape)
+        return out if self.bias is None else out + self.bias.view(shape)
 
 
 class Conv2d(nn.Conv2d):
@@ -209,21 +239,142 @@ class Slot:
         return n
 
 
+# The stock layers swapped for the BatchNorm twin, with the input ranks each accepts. A user
+# subclass of one of them is swapped too when it keeps the stock forward (else refused).
+_STOCK_BN_DIMS = ((nn.BatchNorm1d, (2, 3)), (nn.BatchNorm2d, (4,)), (nn.BatchNorm3d, (5,)),
+                  (nn.SyncBatchNorm, None))
+_STOCK_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _where(name: str, layer: nn.Module) -> str:
+    return f"model module {name or '(the model itself)'!r} ({type(layer).__name__})"
+
+
+def _refusal(name: str, layer: nn.Module) -> str | None:
+    """Why ``layer`` cannot be trained and replayed exactly, or None when it can.
+
+    Randomness in train mode (dropout, RReLU) is drawn from torch's global generator, which no
+    checkpoint holds: the replay's rebuilt steps would draw other masks than training did.
+    Running statistics are replayed only for BatchNorm (its update is a known function of the
+    batch with a known adjoint, docs/design.md §4); every other update in place is unknowable.
+    """
+    where = _where(name, layer)
+    for p in list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False)):
+        if nn.parameter.is_lazy(p):
+            return (f"{where} has uninitialised (lazy) parameters; give it its sizes, or run one "
+                    "forward pass in the model factory")
+    random = "draws random numbers in train mode, which the replay cannot reproduce"
+    if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.p > 0:
+        return f"{where} {random}; set p=0 or remove it"
+    if isinstance(layer, (nn.MultiheadAttention, nn.RNNBase)) and layer.dropout > 0:
+        return f"{where} {random}; set dropout=0"
+    if isinstance(layer, nn.RReLU):
+        return f"{where} {random}; use nn.LeakyReLU"
+    if isinstance(layer, nn.modules.instancenorm._InstanceNorm) and layer.track_running_stats:
+        return (f"{where} tracks running statistics, which fastreplay replays only for "
+                "BatchNorm; set track_running_stats=False (InstanceNorm's default)")
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        if type(layer).forward not in _STOCK_BN_FORWARDS:
+            return (f"{where} overrides BatchNorm's forward, which fastreplay cannot replay; "
+                    "use the stock forward or fastreplay.models.BatchNorm")
+        if not layer.track_running_stats:
+            return (f"{where} has track_running_stats=False, so its eval-mode output depends on "
+                    "the other examples in the batch (measurements are per example); set "
+                    "track_running_stats=True")
+        if layer.momentum is None:
+            return (f"{where} has momentum=None (a cumulative average, a different factor each "
+                    "step); set a fixed momentum, e.g. 0.1")
+    return None
+
+
+def _twin(layer: nn.modules.batchnorm._BatchNorm) -> BatchNorm:
+    """The BatchNorm twin of a stock layer: its momentum, eps and affine setting, and its very
+    parameter and running-statistics tensors (so its initial values are kept). The stock
+    ``num_batches_tracked`` counter is dropped: with a fixed momentum nothing reads it."""
+    dims = next((d for cls, d in _STOCK_BN_DIMS if isinstance(layer, cls)), None)
+    twin = BatchNorm(layer.num_features, float(layer.momentum), float(layer.eps), layer.affine,
+                     dims)
+    if layer.affine:
+        twin.weight, twin.bias = layer.weight, layer.bias
+    twin.running_mean, twin.running_var = layer.running_mean, layer.running_var
+    twin.train(layer.training)
+    return twin
+
+
+def prepare_module(module: nn.Module) -> nn.Module:
+    """Check a module for what exact replay needs and swap its stock BatchNorm layers for the
+    twin, in place, under the same attribute names (parameter names, order and values stay).
+
+    The rules (docs/design.md §4, "Stock layers"): stock BatchNorm (1d/2d/3d, SyncBatchNorm: one
+    process computes it over the whole batch) becomes :class:`BatchNorm`; LayerNorm, GroupNorm
+    and InstanceNorm without running statistics hold no state and need nothing. Refused with a
+    ConfigError naming the module: dropout-like randomness in train mode, InstanceNorm tracking
+    running statistics, BatchNorm without running statistics, with momentum=None or with its
+    own forward, lazy parameters. Every other buffer is a constant: it stays on the module,
+    outside the flat ``buffers``, and :class:`FlatModel` raises a ReplayError if a forward pass
+    changes it. On a built-in model (already the twin) this is a no-op.
+    """
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"the model factory returned a {type(module).__name__}, not a "
+                          "torch.nn.Module; return the network itself")
+    twins: dict[int, BatchNorm] = {}  # a layer registered twice becomes one twin
+    for name, layer in list(module.named_modules()):
+        why = _refusal(name, layer)
+        if why:
+            raise ConfigError(why)
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and id(layer) not in twins:
+            twins[id(layer)] = _twin(layer)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return twins[id(module)]
+    for parent in list(module.modules()):
+        for child_name, child in list(parent._modules.items()):  # every name, shared or not
+            if child is not None and id(child) in twins:
+                setattr(parent, child_name, twins[id(child)])
+    return module
+
+
+@dataclass(frozen=True)
+class _Constant:
+    """A buffer FlatModel treats as a constant, and what it was when the model was built."""
+    where: str
+    owner: nn.Module
+    name: str
+    tensor: torch.Tensor
+    version: int
+
+    def changed(self) -> bool:
+        return (self.owner._buffers.get(self.name) is not self.tensor
+                or self.tensor._version != self.version)
+
+
 class FlatModel:
-    """A network evaluated at flat (theta, buffers); groups are contiguous slices of theta."""
+    """A network evaluated at flat (theta, buffers); groups are contiguous slices of theta.
+
+    ``model_factory`` (zero arguments, returning an nn.Module) replaces the built-in
+    ``build_module(cfg)``; either is called under ``torch.manual_seed(cfg.seed)``, so the initial
+    weights are a function of the seed, and then passed through :func:`prepare_module`. theta
+    holds every parameter; ``buffers`` holds the BatchNorm running statistics only, layer by
+    layer in module order, and ``buffer_decay`` (same length) each element's 1 - rho of its
+    layer: the factor the replay's statistics adjoint decays by (docs/design.md §4).
+    """
 
     GROUP_NAMES = ("decay", "no_decay")
 
-    def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype,
+                 model_factory=None):
         torch.manual_seed(cfg.seed)  # initialisation on the CPU: identical on every device
-        module = build_module(cfg).to(dtype)
+        module = model_factory() if model_factory is not None else build_module(cfg)
+        module = prepare_module(module).to(dtype)
         self.module = module.to(device)
-        self.bn_momentum = cfg.model.bn_momentum
+        self.bn_momentum = cfg.model.bn_momentum  # the built-in models'; see buffer_decay
         self.channels_last = cfg.train.channels_last
         for layer in module.modules():
             if isinstance(layer, (Conv2d, Linear)):
                 layer.compute_dtype = torch.bfloat16 if cfg.train.bf16 else None
         named = dict(module.named_parameters())
+        if not named:
+            raise ConfigError("the model has no parameters to train; give it some (e.g. "
+                              "BatchNorm with affine=True, a Linear layer)")
         decay = [n for n, p in named.items() if p.dim() >= 2]
         no_decay = [n for n, p in named.items() if p.dim() < 2]
         self.param_slots, off, self.group_ends = [], 0, []
@@ -233,12 +384,27 @@ class FlatModel:
                 off += named[n].numel()
             self.group_ends.append(off)
         self.num_params = off
-        self.buffer_slots, off = [], 0
-        for n, b in module.named_buffers():
-            self.buffer_slots.append(Slot(n, tuple(b.shape), off))
-            off += b.numel()
+        # BatchNorm statistics, layer by layer in module order: the order forward() returns
+        # their updates in (for the built-in models also module.named_buffers()'s order).
+        self.bn_layers, self.buffer_slots, off, decays = [], [], 0, []
+        for name, layer in module.named_modules():
+            if isinstance(layer, BatchNorm):
+                layer.qualified_name, layer.one_call_per_pass = name, True
+                self.bn_layers.append(layer)
+                for b in ("running_mean", "running_var"):
+                    n = f"{name}.{b}" if name else b
+                    shape = tuple(getattr(layer, b).shape)
+                    self.buffer_slots.append(Slot(n, shape, off))
+                    off += self.buffer_slots[-1].numel
+                    decays.append(torch.full((self.buffer_slots[-1].numel,),
+                                             1 - layer.momentum, dtype=dtype))
         self.num_buffers = off
-        self.bn_layers = [m for m in module.modules() if isinstance(m, BatchNorm)]
+        self.buffer_decay = (torch.cat(decays) if decays else torch.zeros(0, dtype=dtype)).to(device)
+        self.constants = [
+            _Constant(_where(name, layer), layer, b, t, t._version)
+            for name, layer in module.named_modules() for b, t in layer._buffers.items()
+            if t is not None and not (isinstance(layer, BatchNorm)
+                                      and b in ("running_mean", "running_var"))]
         self.theta0 = torch.cat([named[s.name].detach().reshape(-1) for s in self.param_slots])
         bufs = dict(module.named_buffers())
         self.buffers0 = (torch.cat([bufs[s.name].reshape(-1) for s in self.buffer_slots])
@@ -255,13 +421,34 @@ class FlatModel:
         tensors.update(self._views(buffers, self.buffer_slots))
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        for layer in self.bn_layers:  # an earlier pass that raised may have left its updates
+            layer.updated = None
         logits = functional_call(self.module, tensors, (x,))
+        if self.constants and not torch.compiler.is_compiling():
+            self._check_constants()
         logits = logits.to(theta.dtype)  # losses and measurements in the run's precision
         if not train:
             return logits, None
         if not self.bn_layers:
             return logits, buffers.new_zeros(0)
+        for layer in self.bn_layers:
+            if layer.updated is None:
+                raise ReplayError(
+                    f"BatchNorm layer {layer.qualified_name!r} did not update its running "
+                    "statistics in a training forward pass (not called, or kept in eval mode); "
+                    "remove it or let it train: its statistics would be frozen, which the "
+                    "replay does not model")
         new = [u.reshape(-1) for layer in self.bn_layers for u in layer.updated]
         for layer in self.bn_layers:
             layer.updated = None
         return logits, torch.cat(new)
+
+    def _check_constants(self) -> None:
+        """Buffers outside BatchNorm are constants (prepare_module): one a forward pass
+        changed, in place or by reassignment, is state the replay does not carry."""
+        for c in self.constants:
+            if c.changed():
+                raise ReplayError(
+                    f"{c.where} changed its buffer {c.name!r} in a forward pass; fastreplay "
+                    "replays running statistics of BatchNorm only and keeps every other buffer "
+                    "constant: stop updating it, or make it a fixed tensor")

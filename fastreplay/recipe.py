@@ -5,7 +5,7 @@ they run the very same step function on the very same inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -104,14 +104,20 @@ class TrainState:
 
 
 class Recipe:
-    def __init__(self, cfg: RunConfig, download: bool = False, data=None):
+    """``model_factory``: a zero-argument callable returning the nn.Module to train instead of
+    the built-in ``model.name`` (see FlatModel: called under torch.manual_seed(cfg.seed), its
+    stock BatchNorm layers swapped for the functional twin, refused with a ConfigError where it
+    could not be replayed exactly). None: the built-in model, exactly as before."""
+
+    def __init__(self, cfg: RunConfig, download: bool = False, data=None,
+                 model_factory: Optional[Callable[[], torch.nn.Module]] = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = DTYPES[cfg.train.dtype]
         configure_determinism(self.device, cfg.train.tf32)
         self.data = DeviceData(data if data is not None else load_data(cfg, download),
                                cfg, self.device, self.dtype)
-        self.model = FlatModel(cfg, self.device, self.dtype)
+        self.model = FlatModel(cfg, self.device, self.dtype, model_factory)
         n, b = self.data.num_train, cfg.train.batch_size
         if b > n:
             raise ConfigError(f"train.batch_size={b} exceeds the {n} training examples")

@@ -13,7 +13,8 @@ Per reverse step t (adjoints carried for all K measurements):
      optionally vmapped over the K measurements and torch.compiled). Where torch cannot
      vmap or forward-differentiate the model, replay.hvp = auto falls back down the chain
      forward-vmap -> forward -> reverse (same values up to rounding).
-  3. b_bar *= (1 - rho)
+  3. b_bar *= (1 - rho), elementwise: each statistic with its own layer's rho
+     (FlatModel.buffer_decay; stock BatchNorm layers keep their own momenta)
 """
 from __future__ import annotations
 
@@ -311,7 +312,9 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
     m_bar = torch.zeros_like(theta_bar)
     g_bar = torch.empty_like(theta_bar)
     pending_hvp = None
-    rho = recipe.model.bn_momentum
+    # b_{t+1} = (1 - rho_l) b_t + rho_l s_t(theta_t) per layer l: b_bar_t = (1 - rho_l) b_bar_{t+1}
+    # elementwise (the rho_l J^T b_bar term is in step_vjp, through b_{t+1}'s own graph).
+    decay = recipe.model.buffer_decay
     scores = torch.zeros(len(targets), recipe.num_train, dtype=torch.float64, device=recipe.device)
     start = recipe.cfg.replay.start_step
     cfg_t = recipe.cfg.train
@@ -340,7 +343,7 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
                              recipe.lrs[t], recipe.wds, cfg_t.momentum, cfg_t.nesterov,
                              recipe.adjoint_backend)
                 pending_hvp, wgrad = step_vjp(recipe, theta_t, buffers_t, t, g_bar, b_bar)
-                b_bar.mul_(1 - rho)
+                b_bar.mul_(decay)
                 scores[:, recipe.indices[t]] += wgrad.to(torch.float64)
                 advance()
             next_state = stored
