@@ -154,7 +154,7 @@ def _num_test(cfg, download: bool) -> int:
 @_interruptible("train")
 def train_cmd(
     weights: Annotated[Optional[Path], typer.Option(help="Per-example weights, float .npy of length N (default: all ones).")] = None,
-    measure: Annotated[str, typer.Option(help="Test examples to measure after training: 0,5 or 0:10.")] = "0",
+    measure: Annotated[Optional[str], typer.Option(help="Test examples to measure after training: 0,5 or 0:10 (default 0).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(parser=RUN_DIR_PATH, help="Train the run and store it here (no replay), for `smoothness`, or `magic` later; without it nothing is stored.")] = None,
     force: Annotated[bool, typer.Option(help="With --run-dir: discard an existing run store there (or at --store).")] = False,
     preset: Preset = "quick", config: ConfigFile = None, set_: Sets = None,
@@ -172,13 +172,14 @@ def train_cmd(
         if store is not None or force:
             raise ConfigError("--store and --force apply to a stored run; add --run-dir DIR")
     else:
-        if weights is not None:
-            raise ConfigError("--weights retrains a counterfactual and stores nothing; drop "
-                              "--run-dir (or --weights to train and store the run)")
+        if weights is not None or measure is not None:
+            option = "--weights" if weights is not None else "--measure"
+            raise ConfigError(f"{option} belongs to a counterfactual retraining, which stores "
+                              f"nothing; drop --run-dir (or {option} to train and store the run)")
         _train_into_run_dir(cfg, run_dir, force, download, store, json_)
         return
     recipe = Recipe(cfg, download=download)
-    ids = parse_targets(measure, recipe.data.num_test)
+    ids = parse_targets(measure or "0", recipe.data.num_test)
     if weights is None:
         w = np.ones(recipe.num_train)
     else:

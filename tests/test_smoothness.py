@@ -54,7 +54,8 @@ def test_magic_reuses_the_run_that_train_stored(cli, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--run-dir", "{d}", "--weights", "{d}/w.npy"], "--weights retrains a counterfactual"),
+    (["train", "--run-dir", "{d}", "--weights", "{d}/w.npy"], "--weights belongs to a counterfactual"),
+    (["train", "--run-dir", "{d}", "--measure", "0"], "--measure belongs to a counterfactual"),
     (["train", "--store", "{d}/elsewhere.zarr"], "--store and --force apply to a stored run"),
     (["train", "--force"], "--store and --force apply to a stored run"),
 ])
