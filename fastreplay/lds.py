@@ -129,16 +129,22 @@ def stored_scores(recipe: Recipe, store) -> tuple[np.ndarray, list[int]]:
     return scores, [int(t) for t in attrs["targets"]]
 
 
-def scores_of(recipe: Recipe, store, targets: Optional[list[int]]) -> tuple[np.ndarray, list[int]]:
-    """The stored scores of ``targets`` (None or empty: every scored target) and those targets;
-    a target without scores is a one-line ConfigError."""
+class ChosenScores(NamedTuple):
+    scores: np.ndarray  # (targets, N): the rows of ``targets``
+    targets: list[int]
+    scored: list[int]  # every target the store holds scores for
+
+
+def scores_of(recipe: Recipe, store, targets: Optional[list[int]]) -> ChosenScores:
+    """The stored scores of ``targets`` (None or empty: every scored target); a target without
+    scores is a one-line ConfigError."""
     all_scores, scored = stored_scores(recipe, store)
     targets = list(targets or scored)
     missing = sorted(set(targets) - set(scored))
     if missing:
         raise ConfigError(f"targets {missing[:5]} have no scores yet; score them with "
                           "`fastreplay magic --targets ...` first")
-    return all_scores[[scored.index(t) for t in targets]], targets
+    return ChosenScores(all_scores[[scored.index(t) for t in targets]], targets, scored)
 
 
 def retrain_subset(recipe: Recipe, mask: np.ndarray, removal: str, start: TrainState) -> tuple:
@@ -185,8 +191,7 @@ def run_lds(recipe: Recipe, store, models: int, keep: float, targets: Optional[l
     """Returns (result, predicted (M, K), measured (M, K)) for the chosen targets."""
     check_lds_arguments(models, keep, removal, mask_seed, models_per_batch, recipe.num_train)
     kind = recipe.cfg.measure.kind
-    scored = stored_scores(recipe, store)[1]
-    scores, targets = scores_of(recipe, store, targets)
+    scores, targets, scored = scores_of(recipe, store, targets)
     masks = subset_masks(recipe.num_train, models, keep, mask_seed)
     group = f"lds/{removal}_keep{keep:g}"
     attrs = {"keep": keep, "removal": removal, "mask_seed": mask_seed, "kind": kind}

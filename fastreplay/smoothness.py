@@ -122,7 +122,8 @@ def check_smoothness(recipe: Recipe, store, keep: float = 0.99, seed: int = 0,
 def _scores_for(recipe: Recipe, store, targets: Optional[list[int]]):
     """(scores of the measured targets or None, the targets) as check_smoothness describes."""
     if score_name(recipe.cfg) in store.score_names():
-        return scores_of(recipe, store, targets)
+        chosen = scores_of(recipe, store, targets)
+        return chosen.scores, chosen.targets
     if targets is None:
         targets = list(range(min(DEFAULT_UNSCORED_TARGETS, recipe.data.num_test)))
     return None, targets
