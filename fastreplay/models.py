@@ -366,7 +366,6 @@ class FlatModel:
         module = model_factory() if model_factory is not None else build_module(cfg)
         module = prepare_module(module).to(dtype)
         self.module = module.to(device)
-        self.bn_momentum = cfg.model.bn_momentum  # the built-in models'; see buffer_decay
         self.channels_last = cfg.train.channels_last
         for layer in module.modules():
             if isinstance(layer, (Conv2d, Linear)):
