@@ -80,8 +80,9 @@ def _interruptible(command: str) -> Callable:
 
 
 def _interrupted_message(command: str, args: dict) -> str:
-    """magic and lds keep what they stored and resume from it; the other commands store nothing."""
-    if command in ("magic", "lds"):
+    """magic, lds and train --run-dir keep what they stored and resume from it; the other
+    commands store nothing."""
+    if command in ("magic", "lds") or (command == "train" and args.get("run_dir") is not None):
         where = args.get("store") or args["run_dir"]
         return f"interrupted; rerun the same command to resume (what is stored in {where} is kept)"
     return f"interrupted; `fastreplay {command}` stores nothing: rerun it to start again"

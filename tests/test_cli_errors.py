@@ -221,6 +221,14 @@ def test_ctrl_c_in_magic_and_lds_exits_130_and_the_rerun_resumes(tmp_path):
     assert proc.stdout == ""
     assert fastreplay(*magic).returncode == 0
 
+    # train --run-dir stores the run as magic does, so it resumes too
+    trained = tmp_path / "trained"
+    train = ["train", *SLOW, "--log-level", "ERROR", "--run-dir", trained]
+    proc = interrupt(train, holds(trained, "run.zarr/checkpoints"))
+    assert interrupted_line(proc) == ("interrupted; rerun the same command to resume (what is "
+                                      f"stored in {trained} is kept)")
+    assert fastreplay(*train).returncode == 0
+
     lds = ["lds", "--run-dir", run_dir, "--models", "6", "--models-per-batch", "1", "--keep",
            "0.9", "--no-plots", "--json", "--log-level", "ERROR"]
     proc = interrupt(lds, holds(run_dir, "run.zarr/lds/weight_keep0.9/values"))  # mid-retraining
