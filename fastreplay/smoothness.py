@@ -6,7 +6,8 @@ instead of M, and no replay at all unless scores are already stored.
    for bit on the stored final state, else the scores are not the derivative of the stored run;
 2. three trainings along an LDS-like direction v = -1_R (R: a random (1 - keep) fraction of the
    data; in one batch where the models can be batched): w = 1 (the baseline, batched like the
-   others) and w = 1 + h v for h = 1/2 and 1. From their final parameters theta_0, theta_h,
+   others; one model at a time it is the determinism retraining) and w = 1 + h v for h = 1/2
+   and 1. From their final parameters theta_0, theta_h,
    theta_2h comes the metasmoothness S of Engstrom et al. 2025 ("Optimizing ML Training with
    Metagradient Descent", Definition 2): with d = |theta_2h - theta_0|,
    S = sum_i d_i / ||d||_1 * sign(theta_h - theta_0)_i * sign(theta_2h - theta_h)_i in [-1, 1]:
@@ -32,8 +33,8 @@ from .arguments import check_smoothness_arguments
 from .config import score_name
 from .lds import scores_of
 from .measure import measure
-from .multitrain import train_many
-from .recipe import Recipe
+from .multitrain import can_batch_models, train_many
+from .recipe import Recipe, TrainState
 from .train import load_final, run_steps, window_start
 
 PASS_THRESHOLD = 0.5
@@ -97,10 +98,7 @@ def check_smoothness(recipe: Recipe, store, keep: float = 0.99, seed: int = 0,
     removed = np.random.default_rng([seed, 0x5E]).permutation(n)[:max(1, int(round((1 - keep) * n)))]
     v = np.zeros(n)
     v[removed] = -1.0
-    # The unperturbed run is trained in the same batch, so rounding differences between the
-    # batched and the one-model kernels cannot pose as a response to the weights.
-    weights = torch.from_numpy(np.stack([np.ones(n), 1 + 0.5 * v, 1 + v]))
-    runs = train_many(recipe, weights, start=start)
+    runs = _probe_runs(recipe, start, again, torch.from_numpy(np.stack([1 + 0.5 * v, 1 + v])))
     s = metasmoothness(runs.theta[0], runs.theta[1], runs.theta[2])
     base, at_half, at_full = (measure(recipe, runs.theta[j], runs.buffers[j], targets, kind)
                               .cpu().numpy() for j in range(3))
@@ -117,6 +115,21 @@ def check_smoothness(recipe: Recipe, store, keep: float = 0.99, seed: int = 0,
     return SmoothnessReport(deterministic, s, score, deterministic and score >= PASS_THRESHOLD, rho,
                             curvature, keep, True, targets, predicted.tolist(), half.tolist(),
                             full.tolist())
+
+
+def _probe_runs(recipe: Recipe, start, baseline, perturbed: torch.Tensor):
+    """Final states of the unperturbed run and the ``perturbed`` weights, stacked (3, ...).
+    Where the models are batched, the unperturbed run is trained in the same batch, so rounding
+    differences between the batched and the one-model kernels cannot pose as a response to the
+    weights; one model at a time, the determinism retraining already is that run (same kernels),
+    which saves one training of the five."""
+    if can_batch_models(recipe):
+        ones = torch.ones(1, recipe.num_train, dtype=perturbed.dtype)
+        return train_many(recipe, torch.cat([ones, perturbed]), start=start)
+    runs = train_many(recipe, perturbed, start=start)
+    return TrainState(*(torch.cat([getattr(baseline, k)[None].to(getattr(runs, k).device),
+                                   getattr(runs, k)])
+                        for k in ("theta", "momentum", "buffers")), runs.step)
 
 
 def _scores_for(recipe: Recipe, store, targets: Optional[list[int]]):

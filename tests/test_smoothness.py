@@ -68,3 +68,27 @@ def test_smoothness_targets_must_be_scored_when_scores_are_stored(cli, tmp_path)
     cli("magic", *RUN, "--run-dir", tmp_path, "--targets", "0:2", "--no-plots")
     proc = run_module("smoothness", "--run-dir", tmp_path, "--targets", "5", check=False)
     assert proc.returncode == 2 and "targets [5] have no scores yet" in proc.stderr
+
+
+def test_one_model_at_a_time_reuses_the_determinism_run_as_the_baseline(cli, tmp_path, monkeypatch):
+    """Where models cannot be batched (channels_last on the GPU) the screen trains two probes,
+    not three: its baseline is the determinism retraining. Same S and measured changes as the
+    batched screen, to rounding."""
+    import fastreplay.smoothness as smoothness
+
+    cli.json("train", *RUN, "--set", "train.lr=0.1", "--run-dir", tmp_path)
+    recipe, store = open_trained(tmp_path)
+    try:
+        batched = check_smoothness(recipe, store, keep=0.9, targets=[0, 1, 2])
+        trained = []
+        real = smoothness.train_many
+        monkeypatch.setattr(smoothness, "can_batch_models", lambda r: False)
+        monkeypatch.setattr(smoothness, "train_many",
+                            lambda r, w, **kw: trained.append(len(w)) or real(r, w, **kw))
+        alone = check_smoothness(recipe, store, keep=0.9, targets=[0, 1, 2])
+    finally:
+        store.close()
+    assert trained == [2]
+    assert alone.metasmoothness == pytest.approx(batched.metasmoothness, abs=1e-9)
+    assert alone.actual_full == pytest.approx(batched.actual_full, abs=1e-12)
+    assert alone.actual_half == pytest.approx(batched.actual_half, abs=1e-12)
