@@ -13,7 +13,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 : "${NAME:?}" "${RECIPE:?}" "${TARGETS:=0:4}" "${MODELS:=16}" "${KEEP:=0.99}"
 : "${T_MAGIC:=300}" "${T_SMOOTH:=120}" "${T_LDS:=200}" "${NPROC:=2}"
-R=$OUT/$NAME.txt; L=$OUT/$NAME.log; RUN=runs/$NAME
+R=$OUT/$NAME.txt; L=${LOGS:-$OUT}/$NAME.log; RUN=runs/$NAME
 echo "recipe $NAME: $RECIPE targets $TARGETS models $MODELS keep $KEEP" | tee -a "$R"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee -a "$R"
 t0=$(date +%s)

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from .exceptions import PeerStopped
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -45,9 +47,20 @@ def shard(items: Sequence[Any]) -> list:
     return list(items[rank()::world_size()])
 
 
+def _collective(op, *args, **kwargs) -> None:
+    """Run a collective; when a peer process has gone (gloo: "Connection closed by peer",
+    NCCL: a DistBackendError), say so in one line instead of a traceback on every other rank."""
+    try:
+        op(*args, **kwargs)
+    except RuntimeError as exc:  # dist.DistError and the gloo transport errors are RuntimeErrors
+        raise PeerStopped(f"rank {rank()}: another torchrun process of this job stopped "
+                          f"({type(exc).__name__} in {op.__name__}), so this one stops too; "
+                          "its own error, printed above, says what to fix") from exc
+
+
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        _collective(dist.barrier)
 
 
 def gather_to_main(obj: Any) -> list | None:
@@ -55,7 +68,7 @@ def gather_to_main(obj: Any) -> list | None:
     if not dist.is_initialized():
         return [obj]
     out = [None] * world_size() if is_main() else None
-    dist.gather_object(obj, out, dst=0)
+    _collective(dist.gather_object, obj, out, dst=0)
     return out
 
 
@@ -64,7 +77,7 @@ def gather_all(obj: Any) -> list:
     if not dist.is_initialized():
         return [obj]
     out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    _collective(dist.all_gather_object, out, obj)
     return out
 
 

@@ -32,3 +32,8 @@ class ReplayError(FastReplayError):
 
 class KernelError(FastReplayError):
     """The compiled extension was asked for but is unavailable or got bad arguments."""
+
+
+class PeerStopped(FastReplayError):
+    """Under torchrun, another process of the job stopped (its own error says why), so this one
+    cannot finish the collective step it was waiting in."""

@@ -81,3 +81,17 @@ def test_ranks_replay_the_passes_of_one_process(monkeypatch):
         monkeypatch.setattr(distributed, "rank", lambda r=r: r)
         ranks.append(replay_passes(targets, batch))
     assert sorted(ranks[0] + ranks[1]) == sorted(alone) and ranks[0] and ranks[1]
+
+
+def test_a_rank_whose_peer_stopped_says_so_in_one_line(tmp_path):
+    """Rank 0 stops on bad input (no CIFAR-10) while rank 1 waits at the barrier: rank 1 says
+    in one line that a peer stopped, no traceback (torchrun's own summary is torch's)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "fastreplay", "magic", "--preset", "quick", "--targets", "0:2",
+           "--run-dir", str(tmp_path / "run"), "--no-plots", "--log-level", "WARNING"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CIFAR_ROOT=str(tmp_path / "no-cifar"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "error: CIFAR-10 not found" in proc.stderr
+    assert "error: rank 1: another torchrun process of this job stopped" in proc.stderr
+    assert "[rank1]: Traceback" not in proc.stderr and "[rank0]: Traceback" not in proc.stderr
