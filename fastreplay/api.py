@@ -19,6 +19,7 @@ from .config import RunConfig, score_name, to_toml
 from .distributed import barrier, gather_all, gather_to_main, is_main, shard, world_size
 from .exceptions import ConfigError, StoreError
 from .faults import crash_point
+from .inputs import ATTR as INPUTS_ATTR, check_inputs, inputs_fingerprint
 from .measure import measure
 from .progress import log
 from .recipe import Recipe
@@ -146,9 +147,11 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
                 raise StoreError(f"{path} holds a run of a different config (fingerprint "
                                  f"{store.fingerprint} != {cfg.fingerprint()}); use another "
                                  "--run-dir or --force to discard it")
+            check_inputs(recipe, store)
         else:
             store = RunStore.create(path, cfg.to_dict(), cfg.fingerprint(), versions(),
-                                    attrs={"step_backend": recipe.step_backend})
+                                    attrs={"step_backend": recipe.step_backend,
+                                           INPUTS_ATTR: inputs_fingerprint(recipe)})
             store.lock = lock
             crash_point("store_created")
         write_text_atomic(Path(run_dir) / "config.toml", to_toml(cfg))
@@ -323,6 +326,7 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
             from .distributed import init_from_env
             cfg.device = init_from_env(cfg.device)
         recipe = Recipe(cfg, download=download)
+        check_inputs(recipe, store)
         load_final(recipe, store)  # refuses unfinished runs with a clear message
     except BaseException:
         lock.release()
