@@ -103,6 +103,10 @@ class TrainState:
         return TrainState(self.theta.clone(), self.momentum.clone(), self.buffers.clone(), self.step)
 
 
+ModelFactory = Optional[Callable[[], torch.nn.Module]]
+"""A zero-argument callable building the user's own module (None: the built-in model.name)."""
+
+
 class Recipe:
     """``model_factory``: a zero-argument callable returning the nn.Module to train instead of
     the built-in ``model.name`` (see FlatModel: called under torch.manual_seed(cfg.seed), its
@@ -110,7 +114,7 @@ class Recipe:
     could not be replayed exactly). None: the built-in model, exactly as before."""
 
     def __init__(self, cfg: RunConfig, download: bool = False, data=None,
-                 model_factory: Optional[Callable[[], torch.nn.Module]] = None):
+                 model_factory: ModelFactory = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = DTYPES[cfg.train.dtype]

@@ -402,3 +402,25 @@ class _Unused(nn.Module):
 
     def forward(self, x):
         return self.body(x)
+
+
+def test_the_workflows_take_a_user_module_and_its_store_refuses_the_built_in(tmp_path):
+    """run_magic, open_trained and run_lds with a model factory: the user's module is trained,
+    scored and retrained (LDS); reopening its store without the factory (the built-in tiny CNN
+    of the same config) is refused by the model fingerprint, not silently scored."""
+    from fastreplay.api import open_trained, run_magic
+    from fastreplay.exceptions import StoreError
+    from fastreplay.lds import run_lds
+
+    cfg = load_config("test", overrides=OVERRIDES)
+    res = run_magic(cfg, [0, 1], tmp_path, plots=False, model_factory=bn_cnn)
+    assert res.scores.shape == (2, 48) and np.isfinite(res.scores).all()
+    recipe, store = open_trained(tmp_path, model_factory=bn_cnn)
+    try:
+        assert sum(p.numel() for p in bn_cnn().parameters()) == recipe.model.theta0.numel()
+        lds, predicted, measured = run_lds(recipe, store, models=4, keep=0.9, targets=None)
+        assert predicted.shape == measured.shape == (4, 2) and np.isfinite(measured).all()
+    finally:
+        store.close()
+    with pytest.raises(StoreError, match="different model"):
+        open_trained(tmp_path)
