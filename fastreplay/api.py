@@ -22,6 +22,7 @@ from .faults import crash_point
 from .inputs import ATTR as INPUTS_ATTR, check_inputs, inputs_fingerprint
 from .measure import measure
 from .progress import log
+from .data import ImageData
 from .recipe import ModelFactory, Recipe
 from .replay import replay
 from .paths import require_path_text, resolve_store_url
@@ -127,10 +128,12 @@ def _refuse_unusable_store(path: str, force: bool) -> None:
 
 def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
                   download: bool = False, store_url: str | None = None,
-                  model_factory: ModelFactory = None) -> tuple[Recipe, RunStore]:
+                  model_factory: ModelFactory = None,
+                  data: Optional[ImageData] = None) -> tuple[Recipe, RunStore]:
     """A store holding a finished run of ``cfg``: reused when present, else trained (or resumed).
-    ``model_factory``: the user's own module instead of ``model.name`` (see Recipe); a store
-    trained with another model or other data is refused (fastreplay.inputs).
+    ``model_factory`` and ``data``: the user's own module and images instead of ``model.name``
+    and ``data.name`` (see Recipe); a store trained with another model or other data is refused
+    (fastreplay.inputs).
 
     The store lives at ``store_url`` (see store_location; default RUN_DIR/run.zarr). Takes the
     run directory's lock (another fastreplay process on it is refused) and keeps it in
@@ -138,7 +141,7 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
     """
     path = store_location(run_dir, store_url)
     _refuse_unusable_store(path, force)
-    recipe = Recipe(cfg, download=download, model_factory=model_factory)
+    recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory)
     lock = lock_run_dir(run_dir, store=path)
     store = None
     try:
@@ -230,16 +233,18 @@ def _merge_scores(store: RunStore, kind: str, targets: list[int], recipe: Recipe
 def run_magic(cfg: RunConfig, targets: list[int], run_dir: str | Path, force: bool = False,
               download: bool = False, scores_out: Optional[str] = None,
               plots: bool = True, store_url: str | None = None,
-              model_factory: ModelFactory = None) -> MagicResult:
+              model_factory: ModelFactory = None,
+              data: Optional[ImageData] = None) -> MagicResult:
     """Train (or reuse) the run in ``run_dir`` and score ``targets`` over its attribution
-    window; ``model_factory`` as for open_or_train."""
+    window; ``model_factory`` and ``data`` as for open_or_train."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if is_main():  # rank 0 trains (or reuses) the run; the others wait, then open it
-        recipe, store = open_or_train(cfg, run_dir, force, download, store_url, model_factory)
+        recipe, store = open_or_train(cfg, run_dir, force, download, store_url, model_factory,
+                                      data)
     barrier()
     if not is_main():
-        recipe = Recipe(cfg, download=download, model_factory=model_factory)
+        recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory)
         store = RunStore.open(store_location(run_dir, store_url))
         _merge_scores(store, cfg.measure.kind, targets, recipe)
         return None
@@ -314,10 +319,11 @@ def counterfactual(cfg: RunConfig, weights: np.ndarray, targets: list[int],
 
 def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: bool = False,
                  store_url: str | None = None,
-                 model_factory: ModelFactory = None) -> tuple[Recipe, RunStore]:
+                 model_factory: ModelFactory = None,
+                 data: Optional[ImageData] = None) -> tuple[Recipe, RunStore]:
     """The recipe and store of a finished run, rebuilt from the config saved in the store
-    (at ``store_url``, default RUN_DIR/run.zarr). A run of a user's own module needs the same
-    ``model_factory`` again: the store's model fingerprint refuses any other.
+    (at ``store_url``, default RUN_DIR/run.zarr). A run of a user's own module or data needs
+    the same ``model_factory`` and ``data`` again: the store's fingerprints refuse any other.
 
     Takes the run directory's lock (kept in ``store.lock`` until ``store.close()``).
     """
@@ -333,7 +339,7 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
         if join_torchrun:  # under torchrun this rank works on cuda:LOCAL_RANK (or the CPU)
             from .distributed import init_from_env
             cfg.device = init_from_env(cfg.device)
-        recipe = Recipe(cfg, download=download, model_factory=model_factory)
+        recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory)
         check_inputs(recipe, store)
         load_final(recipe, store)  # refuses unfinished runs with a clear message
     except BaseException:

@@ -136,6 +136,36 @@ def load_data(cfg: RunConfig, download: bool = False) -> ImageData:
     return data
 
 
+def check_image_data(data: ImageData, num_classes: int) -> ImageData:
+    """A user's own ImageData, checked for what training and the store need: uint8 images
+    (N, 3, H, W) of one square size in both splits, one integer label in [0, num_classes) per
+    image. Labels become int64. Raises a one-line DataError naming what is wrong."""
+    if not isinstance(data, ImageData):
+        raise DataError(f"data must be a fastreplay.data.ImageData, not {type(data).__name__}; "
+                        "build one from uint8 (N, 3, H, W) images and integer labels")
+    for split in ("train", "test"):
+        x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise DataError(f"{split}_x must be a uint8 numpy array (N, 3, H, W), got "
+                            f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}; "
+                            "scale images to 0..255 and put the channels first")
+        if x.shape[2] != x.shape[3] or x.shape[2:] != data.train_x.shape[2:]:
+            raise DataError(f"{split}_x images are {x.shape[2]}x{x.shape[3]}; train and test "
+                            f"images must share one square size ({data.train_x.shape[2]}x"
+                            f"{data.train_x.shape[3]} for train)")
+        y = np.asarray(y)
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{split}_y must hold one integer label per image ({len(x)}), got "
+                            f"{y.dtype} {y.shape}")
+        if len(x) and (y.min() < 0 or y.max() >= num_classes):
+            raise DataError(f"{split}_y has labels outside [0, {num_classes}); set "
+                            "data.num_classes to the number of classes")
+        setattr(data, f"{split}_y", y.astype(np.int64))
+    if len(data.train_x) == 0 or len(data.test_x) == 0:
+        raise DataError("data needs at least one training and one test image")
+    return data
+
+
 def batch_schedule(num_train: int, batch_size: int, epochs: int, seed: int) -> np.ndarray:
     """(T, B) example indices: a fresh permutation per epoch, the incomplete last batch dropped."""
     per_epoch = num_train // batch_size

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RunConfig
-from .data import DeviceData, batch_schedule, load_data
+from .data import DeviceData, ImageData, batch_schedule, check_image_data, load_data
 from .exceptions import ConfigError
 from .kernels import resolve_backend, sgd_step_
 from .models import FlatModel
@@ -111,16 +111,18 @@ class Recipe:
     """``model_factory``: a zero-argument callable returning the nn.Module to train instead of
     the built-in ``model.name`` (see FlatModel: called under torch.manual_seed(cfg.seed), its
     stock BatchNorm layers swapped for the functional twin, refused with a ConfigError where it
-    could not be replayed exactly). None: the built-in model, exactly as before."""
+    could not be replayed exactly). None: the built-in model, exactly as before. ``data``: the
+    user's own ImageData (checked by data.check_image_data) instead of ``data.name``."""
 
-    def __init__(self, cfg: RunConfig, download: bool = False, data=None,
+    def __init__(self, cfg: RunConfig, download: bool = False, data: Optional[ImageData] = None,
                  model_factory: ModelFactory = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = DTYPES[cfg.train.dtype]
         configure_determinism(self.device, cfg.train.tf32)
-        self.data = DeviceData(data if data is not None else load_data(cfg, download),
-                               cfg, self.device, self.dtype)
+        data = (load_data(cfg, download) if data is None
+                else check_image_data(data, cfg.data.num_classes))
+        self.data = DeviceData(data, cfg, self.device, self.dtype)
         self.model = FlatModel(cfg, self.device, self.dtype, model_factory)
         n, b = self.data.num_train, cfg.train.batch_size
         if b > n:

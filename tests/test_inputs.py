@@ -3,6 +3,8 @@ weights, the data's content); a later command that builds other inputs is refuse
 matched to the old run."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -69,3 +71,47 @@ def test_a_model_that_builds_differently_is_a_clear_error(tmp_path, monkeypatch)
     store.close()
     _, store = open_trained(tmp_path)
     store.close()
+
+
+def _images(n=16, size=8, classes=2, seed=0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8), rng.integers(0, classes, n)
+
+
+def _own_data(**changes):
+    from fastreplay.data import ImageData
+    (tx, ty), (vx, vy) = _images(32), _images(8, seed=1)
+    fields = dict(train_x=tx, train_y=ty, test_x=vx, test_y=vy, class_names=("a", "b"))
+    fields.update(changes)
+    return ImageData(**fields)
+
+
+def test_own_images_are_trained_on_and_recorded(tmp_path):
+    """A user's ImageData replaces data.name; reopening without it (the config's synthetic
+    set) is refused by the data fingerprint."""
+    cfg = load_config("test", overrides=["data.num_classes=2", "train.epochs=1",
+                                         "train.batch_size=8"])
+    data = _own_data()
+    recipe, store = open_or_train(cfg, tmp_path, data=data)
+    store.close()
+    assert recipe.num_train == 32 and recipe.data.train_y.dtype == torch.int64
+    _, store = open_trained(tmp_path, data=data)
+    store.close()
+    with pytest.raises(StoreError, match="different data"):
+        open_trained(tmp_path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train_x": _images()[0].astype("float32")}, "train_x must be a uint8 numpy array"),
+    ({"test_x": _images(8)[0][:, :1]}, "test_x must be a uint8 numpy array (N, 3, H, W)"),
+    ({"test_x": _images(8, size=6)[0]}, "train and test images must share one square size"),
+    ({"train_y": _images()[1][:5]}, "train_y must hold one integer label per image (32)"),
+    ({"train_y": _images()[1] + 0.5}, "train_y must hold one integer label per image"),
+    ({"test_y": _images(8, classes=3)[1] + 1}, "test_y has labels outside [0, 2)"),
+])
+def test_malformed_own_images_are_one_line_errors(changes, message):
+    from fastreplay.data import check_image_data
+    from fastreplay.exceptions import DataError
+    with pytest.raises(DataError, match=re.escape(message)):
+        check_image_data(_own_data(**changes), num_classes=2)
