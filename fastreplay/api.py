@@ -16,13 +16,13 @@ import torch
 
 from .arguments import check_lds_arguments, check_weights
 from .config import RunConfig, score_name, to_toml
+from .data import ImageData
 from .distributed import barrier, gather_all, gather_to_main, is_main, shard, world_size
 from .exceptions import ConfigError, StoreError
 from .faults import crash_point
 from .inputs import ATTR as INPUTS_ATTR, check_inputs, inputs_fingerprint
 from .measure import measure
 from .progress import log
-from .data import ImageData
 from .recipe import ModelFactory, Recipe
 from .replay import replay
 from .paths import require_path_text, resolve_store_url

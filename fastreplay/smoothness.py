@@ -1,14 +1,14 @@
 """`fastreplay smoothness`: is this recipe predictable enough for scores to mean anything?
 
 A cheap check before paying for 100 LDS retrainings: four trainings of the attribution window
-instead of M, and no replay at all unless scores are already stored.
+(three where the models cannot be batched) instead of M, and no replay at all unless scores are
+already stored.
 1. determinism (one training): retraining from the start of the attribution window must land bit
    for bit on the stored final state, else the scores are not the derivative of the stored run;
 2. three trainings along an LDS-like direction v = -1_R (R: a random (1 - keep) fraction of the
    data; in one batch where the models can be batched): w = 1 (the baseline, batched like the
    others; one model at a time it is the determinism retraining) and w = 1 + h v for h = 1/2
-   and 1. From their final parameters theta_0, theta_h,
-   theta_2h comes the metasmoothness S of Engstrom et al. 2025 ("Optimizing ML Training with
+   and 1. From their final parameters theta_0, theta_h, theta_2h comes the metasmoothness S of Engstrom et al. 2025 ("Optimizing ML Training with
    Metagradient Descent", Definition 2): with d = |theta_2h - theta_0|,
    S = sum_i d_i / ||d||_1 * sign(theta_h - theta_0)_i * sign(theta_2h - theta_h)_i in [-1, 1]:
    1 when every parameter moves on along the same path (a smooth response), ~0 when the second
