@@ -8,8 +8,9 @@ already stored.
 2. three trainings along an LDS-like direction v = -1_R (R: a random (1 - keep) fraction of the
    data; in one batch where the models can be batched): w = 1 (the baseline, batched like the
    others; one model at a time it is the determinism retraining) and w = 1 + h v for h = 1/2
-   and 1. From their final parameters theta_0, theta_h, theta_2h comes the metasmoothness S of Engstrom et al. 2025 ("Optimizing ML Training with
-   Metagradient Descent", Definition 2): with d = |theta_2h - theta_0|,
+   and 1. From their final parameters theta_0, theta_h, theta_2h comes the metasmoothness S of
+   Engstrom et al. 2025 ("Optimizing ML Training with Metagradient Descent", Definition 2):
+   with d = |theta_2h - theta_0|,
    S = sum_i d_i / ||d||_1 * sign(theta_h - theta_0)_i * sign(theta_2h - theta_h)_i in [-1, 1]:
    1 when every parameter moves on along the same path (a smooth response), ~0 when the second
    step is unrelated to the first (chaos). It needs no scores, so it screens a recipe after
