@@ -25,6 +25,7 @@ from .measure import measure
 from .progress import log
 from .recipe import ModelFactory, Recipe
 from .replay import replay
+from .task import Task
 from .paths import require_path_text, resolve_store_url
 from .rundir import remove_run_files, remove_text_temps, text_temp
 from .store import (DISCARDABLE, LOCK_NAME, STORE_NAME, Kind, RunDirLock, RunStore,
@@ -129,10 +130,12 @@ def _refuse_unusable_store(path: str, force: bool) -> None:
 def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
                   download: bool = False, store_url: str | None = None,
                   model_factory: ModelFactory = None,
-                  data: Optional[ImageData] = None) -> tuple[Recipe, RunStore]:
+                  data: Optional[ImageData] = None,
+                  task: Optional[Task] = None) -> tuple[Recipe, RunStore]:
     """A store holding a finished run of ``cfg``: reused when present, else trained (or resumed).
-    ``model_factory`` and ``data``: the user's own module and images instead of ``model.name``
-    and ``data.name`` (see Recipe); a store trained with another model or other data is refused
+    ``task``: the user's own model, data, loss and measurements (fastreplay.task.Task) instead
+    of the preset's; ``model_factory`` and ``data`` are shorthands for a task with only those
+    (see Recipe). A store trained with another model, other data or other task code is refused
     (fastreplay.inputs).
 
     The store lives at ``store_url`` (see store_location; default RUN_DIR/run.zarr). Takes the
@@ -141,7 +144,7 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
     """
     path = store_location(run_dir, store_url)
     _refuse_unusable_store(path, force)
-    recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory)
+    recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory, task=task)
     lock = lock_run_dir(run_dir, store=path)
     store = None
     try:
@@ -234,17 +237,18 @@ def run_magic(cfg: RunConfig, targets: list[int], run_dir: str | Path, force: bo
               download: bool = False, scores_out: Optional[str] = None,
               plots: bool = True, store_url: str | None = None,
               model_factory: ModelFactory = None,
-              data: Optional[ImageData] = None) -> MagicResult:
+              data: Optional[ImageData] = None,
+              task: Optional[Task] = None) -> MagicResult:
     """Train (or reuse) the run in ``run_dir`` and score ``targets`` over its attribution
-    window; ``model_factory`` and ``data`` as for open_or_train."""
+    window; ``task``, ``model_factory`` and ``data`` as for open_or_train."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if is_main():  # rank 0 trains (or reuses) the run; the others wait, then open it
         recipe, store = open_or_train(cfg, run_dir, force, download, store_url, model_factory,
-                                      data)
+                                      data, task)
     barrier()
     if not is_main():
-        recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory)
+        recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory, task=task)
         store = RunStore.open(store_location(run_dir, store_url))
         _merge_scores(store, cfg.measure.kind, targets, recipe)
         return None
@@ -273,19 +277,32 @@ def _magic_outputs(recipe: Recipe, store: RunStore, cfg: RunConfig, targets: lis
         with disk_errors(result.scores_out):
             np.save(result.scores_out, scores)
         log.info("scores (%d targets x %d examples) written to %s", *scores.shape, result.scores_out)
-    if plots:
+    render = renderer(recipe) if plots else None
+    if render is not None:
         from .plots import influence_figure  # matplotlib: imported only when plotting
         data = recipe.data
-        train_x, train_y = data.train_x.cpu().numpy(), data.train_y.cpu().numpy()
+        train_y = data.train_y.cpu().numpy()
         with disk_errors(f"the plots in {Path(run_dir) / 'plots'}"):
             for k, t in enumerate(targets):
                 path = influence_figure(Path(run_dir) / "plots" / f"target_{t:05d}.png", t,
-                                        data.test_x[t].cpu().numpy(), int(data.test_y[t]), scores[k],
-                                        train_x, train_y, data.class_names, kind, float(values[k]))
+                                        render(data.test_x[t]), data.test_y[t].cpu().numpy(),
+                                        scores[k], lambda i: render(data.train_x[i]), train_y,
+                                        data.class_names, kind, float(values[k]))
                 result.plots.append(str(path))
         log.info("influence plots written to %s", Path(run_dir) / "plots")
+    elif plots:
+        log.info("no influence plots: the task's data are not images and it has no show()")
     write_text_atomic(Path(run_dir) / "magic_summary.json", json.dumps(summary(result), indent=2))
     return result
+
+
+def renderer(recipe: Recipe):
+    """example inputs -> an image to plot: images as they are, other data through the task's
+    ``show``; None when there is no way to draw them."""
+    if recipe.data.images:
+        return lambda x: x.cpu().numpy().transpose(1, 2, 0)
+    show = recipe.task.show
+    return None if show is None else (lambda x: np.asarray(show(x.cpu())))
 
 
 def summary(res: MagicResult) -> dict:
@@ -305,9 +322,10 @@ def npy_path(path: str | os.PathLike) -> str:
 
 
 def counterfactual(cfg: RunConfig, weights: np.ndarray, targets: list[int],
-                   download: bool = False, recipe: Optional[Recipe] = None) -> np.ndarray:
+                   download: bool = False, recipe: Optional[Recipe] = None,
+                   task: Optional[Task] = None) -> np.ndarray:
     """Retrain with per-example ``weights`` and return the measurements of ``targets``."""
-    recipe = recipe or Recipe(cfg, download=download)
+    recipe = recipe or Recipe(cfg, download=download, task=task)
     weights = check_weights(weights, recipe.num_train)
     w = torch.from_numpy(weights).to(recipe.device, recipe.dtype)
     log.debug("retraining %d steps with the given per-example weights", recipe.num_steps)
@@ -320,10 +338,12 @@ def counterfactual(cfg: RunConfig, weights: np.ndarray, targets: list[int],
 def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: bool = False,
                  store_url: str | None = None,
                  model_factory: ModelFactory = None,
-                 data: Optional[ImageData] = None) -> tuple[Recipe, RunStore]:
+                 data: Optional[ImageData] = None,
+                 task: Optional[Task] = None) -> tuple[Recipe, RunStore]:
     """The recipe and store of a finished run, rebuilt from the config saved in the store
-    (at ``store_url``, default RUN_DIR/run.zarr). A run of a user's own module or data needs
-    the same ``model_factory`` and ``data`` again: the store's fingerprints refuse any other.
+    (at ``store_url``, default RUN_DIR/run.zarr). A run of a user's own task (or module, or
+    data) needs the same ``task`` (``model_factory``, ``data``) again: the store's
+    fingerprints refuse any other.
 
     Takes the run directory's lock (kept in ``store.lock`` until ``store.close()``).
     """
@@ -339,7 +359,7 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
         if join_torchrun:  # under torchrun this rank works on cuda:LOCAL_RANK (or the CPU)
             from .distributed import init_from_env
             cfg.device = init_from_env(cfg.device)
-        recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory)
+        recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory, task=task)
         check_inputs(recipe, store)
         load_final(recipe, store)  # refuses unfinished runs with a clear message
     except BaseException:
@@ -350,7 +370,7 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
 
 def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], removal: str,
                     mask_seed: int = 0, plots: bool = True, models_per_batch: int = 0,
-                    store_url: str | None = None):
+                    store_url: str | None = None, task: Optional[Task] = None):
     from .lds import run_lds
     from .measure import parse_targets
     from .plots import lds_figure
@@ -358,7 +378,7 @@ def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], r
     # keep against the training set size too).
     check_lds_arguments(models, keep, removal, mask_seed, models_per_batch)
     # Under torchrun every rank retrains its share of the models (distributed.py).
-    recipe, store = open_trained(run_dir, join_torchrun=True, store_url=store_url)
+    recipe, store = open_trained(run_dir, join_torchrun=True, store_url=store_url, task=task)
     try:
         ids = parse_targets(targets, recipe.data.num_test) if targets else None
         res, predicted, measured = run_lds(recipe, store, models, keep, ids, removal, mask_seed,

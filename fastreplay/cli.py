@@ -44,6 +44,10 @@ LogLevel = Annotated[str, typer.Option(help=f"{', '.join(LEVELS[:-1])} or {LEVEL
 LogFile = Annotated[Optional[Path], typer.Option(parser=_path("--log-file"), help="Also write the log to this file.")]
 Download = Annotated[bool, typer.Option(help="Download CIFAR-10 if it is missing.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+TaskSpec = Annotated[Optional[str], typer.Option("--task", help=escape(
+    "Your own model, data, loss and measurements: FILE.py:FUNCTION, a zero-argument function "
+    "returning a fastreplay.Task (README, 'Your own task'); the --preset/--config/--set options "
+    "still set training, replay and measurement."))]
 Store = Annotated[Optional[str], typer.Option(
     "--store", parser=_store_url, help="Where the run's Zarr group lives: a path, file:///ABS/PATH "
     "or an object-store URL (s3://, s3a://, gs://, gcs://, az://, abfs://, abfss://) such as "
@@ -115,7 +119,7 @@ def magic(
     force: Annotated[bool, typer.Option(help="Discard an existing run store in --run-dir (or at --store).")] = False,
     plots: Annotated[bool, typer.Option(help="Save a PNG per target.")] = True,
     store: Store = None, download: Download = False, json_: Json = False,
-    log_level: LogLevel = "INFO", log_file: LogFile = None,
+    log_level: LogLevel = "INFO", log_file: LogFile = None, task: TaskSpec = None,
 ):
     """Train (or reuse the stored run), replay it backwards, store and plot exact scores."""
     setup_logging(log_level, log_file)
@@ -128,12 +132,13 @@ def magic(
     if scores_out is not None and scores_out.is_dir():
         raise ConfigError(f"--scores-out {scores_out} is a directory; name a file in it, e.g. "
                           f"{scores_out / 'scores.npy'}")
+    user_task = _load_task(task)
     cfg.device = init_from_env(cfg.device)  # under torchrun: this rank's device
-    num_test = _num_test(cfg, download)
+    num_test = len(user_task.data.test_y) if user_task else _num_test(cfg, download)
     ids = parse_targets(targets, num_test)
     res = run_magic(cfg, ids, run_dir, force=force, download=download,
                     scores_out=str(scores_out) if scores_out else None, plots=plots,
-                    store_url=store)
+                    store_url=store, task=user_task)
     if res is None:  # a torchrun rank other than 0: rank 0 reports
         return
     out = summary(res)
@@ -142,6 +147,14 @@ def magic(
     else:
         log.info("test accuracy %.2f%% | replay %.2fs per target | store %.1f MB | outputs in %s",
                  100 * res.accuracy, out["replay_seconds_per_target"], res.store_bytes / 1e6, run_dir)
+
+
+def _load_task(spec: Optional[str]):
+    """--task FILE.py:FUNCTION -> the user's Task (None without --task)."""
+    if spec is None:
+        return None
+    from .task import load_task
+    return load_task(spec)
 
 
 def _num_test(cfg, download: bool) -> int:
@@ -160,7 +173,7 @@ def train_cmd(
     force: Annotated[bool, typer.Option(help="With --run-dir: discard an existing run store there (or at --store).")] = False,
     preset: Preset = "quick", config: ConfigFile = None, set_: Sets = None,
     store: Store = None, download: Download = False, json_: Json = False,
-    log_level: LogLevel = "WARNING", log_file: LogFile = None,
+    log_level: LogLevel = "WARNING", log_file: LogFile = None, task: TaskSpec = None,
 ):
     """Retrain with per-example data weights and print the measurements (the counterfactual oracle); with --run-dir, train and store the run instead."""
     setup_logging(log_level, log_file)
@@ -177,9 +190,9 @@ def train_cmd(
             option = "--weights" if weights is not None else "--measure"
             raise ConfigError(f"{option} belongs to a counterfactual retraining, which stores "
                               f"nothing; drop --run-dir (or {option} to train and store the run)")
-        _train_into_run_dir(cfg, run_dir, force, download, store, json_)
+        _train_into_run_dir(cfg, run_dir, force, download, store, json_, _load_task(task))
         return
-    recipe = Recipe(cfg, download=download)
+    recipe = Recipe(cfg, download=download, task=_load_task(task))
     ids = parse_targets(measure or "0", recipe.data.num_test)
     if weights is None:
         w = np.ones(recipe.num_train)
@@ -195,11 +208,11 @@ def train_cmd(
 
 
 def _train_into_run_dir(cfg, run_dir: Path, force: bool, download: bool, store: Optional[str],
-                        json_: bool) -> None:
+                        json_: bool, task=None) -> None:
     """`train --run-dir`: train (or reuse) and store the run as `magic` would, replay nothing."""
     from .api import open_or_train
 
-    recipe, run_store = open_or_train(cfg, run_dir, force, download, store)
+    recipe, run_store = open_or_train(cfg, run_dir, force, download, store, task=task)
     out = {"run_dir": str(run_dir), "store": run_store.path, "steps": recipe.num_steps,
            "test_accuracy": run_store.get_attr("test_accuracy"),
            "train_seconds": run_store.get_attr("train_seconds")}
@@ -233,13 +246,16 @@ def lds(
     models_per_batch: Annotated[int, typer.Option(help="Models trained at once (0 = measure and pick).")] = 0,
     plots: Annotated[bool, typer.Option(help="Save the scatter and histogram PNGs.")] = True,
     store: Store = None, json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
+    task: TaskSpec = None,
 ):
     """Validate the stored scores by retraining on random subsets (linear datamodeling score)."""
     setup_logging(log_level, log_file)
     from .api import run_lds_command
+    from .arguments import check_lds_arguments
 
+    check_lds_arguments(models, keep, removal, mask_seed, models_per_batch)  # before the import
     res = run_lds_command(run_dir, models, keep, targets, removal, mask_seed, plots,
-                          models_per_batch, store_url=store)
+                          models_per_batch, store_url=store, task=_load_task(task))
     if res is None:  # a torchrun rank other than 0: rank 0 reports
         return
     if json_:
@@ -319,6 +335,7 @@ def smoothness(
     seed: Annotated[int, typer.Option(help="Seed of the removed set.")] = 0,
     targets: Annotated[Optional[str], typer.Option(help="Test examples to measure: scored ones when the store holds scores (default: all scored), else any (default 0:8).")] = None,
     store: Store = None, json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
+    task: TaskSpec = None,
 ):
     """Cheap predictability check of a recipe in four trainings of the attribution window: determinism (one), metasmoothness and linearity along one LDS-like direction (three); needs scores only for the linearity score."""
     setup_logging(log_level, log_file)
@@ -328,7 +345,7 @@ def smoothness(
     from .smoothness import PASS_THRESHOLD, check_smoothness
 
     check_smoothness_arguments(keep, seed)  # before the lock is taken and the data loaded
-    recipe, run_store = open_trained(run_dir, store_url=store)
+    recipe, run_store = open_trained(run_dir, store_url=store, task=_load_task(task))
     ids = parse_targets(targets, recipe.data.num_test) if targets else None
     rep = check_smoothness(recipe, run_store, keep, seed, ids)
     if json_:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DataConfig, RunConfig
-from .exceptions import DataError
+from .exceptions import ConfigError, DataError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
@@ -183,10 +183,15 @@ def augmentation_draws(seed: int, step: int, batch_size: int, padding: int):
 
 
 class DeviceData:
-    """The data set as uint8 on the device, plus the normalisation and augmentation."""
+    """The data set as uint8 on the device, plus the normalisation and augmentation (the
+    built-in crop and flip, or a task's own ``augment`` applied after normalising)."""
 
-    def __init__(self, data: ImageData, cfg: RunConfig, device: torch.device, dtype: torch.dtype):
+    images = True
+
+    def __init__(self, data: ImageData, cfg: RunConfig, device: torch.device, dtype: torch.dtype,
+                 augment=None):
         self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.augment = augment
         self.class_names = data.class_names
         self.train_x = torch.from_numpy(data.train_x).to(device)
         self.train_y = torch.from_numpy(data.train_y).to(device)
@@ -211,6 +216,8 @@ class DeviceData:
 
     def train_batch(self, indices: torch.Tensor, step: int) -> torch.Tensor:
         x = self.normalize(self.train_x[indices])
+        if self.augment is not None:
+            return self.augment(x, self.cfg.seed, step)
         d = self.cfg.data
         if not d.augment:
             return x
@@ -230,3 +237,75 @@ class DeviceData:
 
     def test_batch(self, indices: torch.Tensor) -> torch.Tensor:
         return self.normalize(self.test_x[indices])
+
+
+def _as_tensor(a, what: str) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a)
+    except Exception:
+        raise DataError(f"ArrayData.{what} must be a numpy array or tensor, not "
+                        f"{type(a).__name__}") from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise DataError(f"ArrayData.{what} has dtype {t.dtype}; use a real number type")
+    return t.detach().cpu()
+
+
+class ArrayDeviceData:
+    """A task's ArrayData on the device: inputs as given (floating ones in the run's dtype),
+    optionally augmented by the task's own pure function of (batch, seed, step)."""
+
+    images = False
+
+    def __init__(self, data, cfg: RunConfig, device: torch.device, dtype: torch.dtype,
+                 augment=None):
+        self.cfg, self.device, self.dtype, self.augment = cfg, device, dtype, augment
+        self.class_names = data.class_names
+        for split in ("train", "test"):
+            x = _as_tensor(getattr(data, f"{split}_x"), f"{split}_x")
+            y = _as_tensor(getattr(data, f"{split}_y"), f"{split}_y")
+            if x.dim() == 0 or y.dim() == 0 or len(x) != len(y) or len(x) == 0:
+                raise DataError(f"ArrayData.{split}_x {tuple(x.shape)} and {split}_y "
+                                f"{tuple(y.shape)} must hold the same number (>= 1) of examples "
+                                "along their first dimension")
+            if x.is_floating_point():
+                x = x.to(dtype)
+            if y.is_floating_point():
+                y = y.to(dtype)
+            setattr(self, f"{split}_x", x.to(device))
+            setattr(self, f"{split}_y", y.to(device))
+        if self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise DataError(f"ArrayData train inputs are {tuple(self.train_x.shape[1:])} per "
+                            f"example but test inputs {tuple(self.test_x.shape[1:])}; they must "
+                            "match")
+
+    @property
+    def num_train(self) -> int:
+        return self.train_x.shape[0]
+
+    @property
+    def num_test(self) -> int:
+        return self.test_x.shape[0]
+
+    def train_batch(self, indices: torch.Tensor, step: int) -> torch.Tensor:
+        x = self.train_x[indices]
+        return x if self.augment is None else self.augment(x, self.cfg.seed, step)
+
+    def test_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.test_x[indices]
+
+
+def device_data(task, cfg: RunConfig, device: torch.device, dtype: torch.dtype):
+    """The task's data on the device: ImageData (checked, normalised, built-in augmentation
+    unless the task brings its own) or any other ArrayData."""
+    if isinstance(task.data, ImageData):
+        return DeviceData(check_image_data(task.data, cfg.data.num_classes), cfg, device, dtype,
+                          task.augment)
+    from .task import ArrayData
+    if not isinstance(task.data, ArrayData):
+        raise DataError(f"Task.data must be a fastreplay ArrayData or ImageData, not "
+                        f"{type(task.data).__name__}; wrap arrays in ArrayData(train_x, train_y, "
+                        "test_x, test_y) or datasets in ArrayData.from_datasets(train, test)")
+    if cfg.measure.tta != "none":
+        raise ConfigError(f"measure.tta={cfg.measure.tta} mirrors images; this task's data are "
+                          "not images: set measure.tta=none")
+    return ArrayDeviceData(task.data, cfg, device, dtype, task.augment)

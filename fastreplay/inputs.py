@@ -1,9 +1,10 @@
 """What a run was trained on, beyond its config: a content fingerprint of the model (structure
-and initial state) and of the data (every training and test image and label).
+and initial state), of the data (every training and test input and target) and of the task's
+own code (loss, measurements, augmentation, decay rule).
 
 The config fingerprint says which recipe made a store; it cannot see a CIFAR-10 copy that was
 replaced, a user's model factory that now builds another network, or a data set edited in place.
-Stores record these two hashes when they are created and every later command recomputes them:
+Stores record these hashes when they are created and every later command recomputes them:
 a mismatch is a clear error (retrain with --force, or use another run directory), never scores
 silently matched to a run of other inputs. Stores made before the hashes existed are not checked.
 """
@@ -45,11 +46,14 @@ def data_fingerprint(data) -> str:
 
 
 def inputs_fingerprint(recipe) -> dict[str, str]:
-    return {"model": model_fingerprint(recipe.model), "data": data_fingerprint(recipe.data)}
+    from .task import code_fingerprint
+    return {"model": model_fingerprint(recipe.model), "data": data_fingerprint(recipe.data),
+            "task": code_fingerprint(recipe.task)}
 
 
 WHAT = {"model": "model (its structure or initial weights)",
-        "data": "data (the training or test images or labels)"}
+        "data": "data (the training or test inputs or targets)",
+        "task": "task code (its loss, measurements, augmentation or decay rule)"}
 
 
 def check_inputs(recipe, store) -> None:
@@ -58,8 +62,9 @@ def check_inputs(recipe, store) -> None:
     if not recorded:
         return  # made before the inputs were recorded
     now = inputs_fingerprint(recipe)
-    changed = [k for k in ("model", "data") if k in recorded and recorded[k] != now[k]]
+    changed = [k for k in WHAT if k in recorded and recorded[k] != now[k]]
     if changed:
         what = " and the ".join(WHAT[k] for k in changed)
         raise StoreError(f"{store.path} was trained with a different {what} than this run "
-                         "builds now; rerun with --force to retrain, or use another --run-dir")
+                         "builds now; pass the --task (or model_factory, data, task) it was "
+                         "trained with, rerun with --force to retrain, or use another --run-dir")

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .exceptions import ConfigError
 from .recipe import Recipe
+from .task import per_example
 
 
 def parse_targets(spec: str, num_test: int) -> list[int]:
@@ -45,20 +45,19 @@ def _target_spans(spec: str) -> list[tuple[int, int]]:
     return spans
 
 
-def measurement_values(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "loss":
-        return F.cross_entropy(logits, labels, reduction="none")
-    correct = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], float("-inf"))
-    return correct - torch.logsumexp(others, dim=1)
+def measurement_values(recipe: Recipe, outputs: torch.Tensor, targets: torch.Tensor,
+                       kind: str) -> torch.Tensor:
+    """The task's measurement of ``kind`` on test outputs, checked to give one value each."""
+    return per_example(recipe.measurement(kind)(outputs, targets), targets.shape[0],
+                       f"{kind} measurement")
 
 
 def measure(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor, targets: list[int],
             kind: str) -> torch.Tensor:
     idx = torch.as_tensor(targets, device=recipe.device)
     with torch.no_grad():
-        logits, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
-        return measurement_values(logits, recipe.data.test_y[idx], kind)
+        outputs, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
+        return measurement_values(recipe, outputs, recipe.data.test_y[idx], kind)
 
 
 def measurement_grads(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor,
@@ -73,8 +72,8 @@ def measurement_grads(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor
     # sharded and batched replays give bitwise the same scores.
     for t in targets:
         idx = torch.as_tensor([t], device=recipe.device)
-        logits, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
-        value = measurement_values(logits, recipe.data.test_y[idx], kind)[0]
+        outputs, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
+        value = measurement_values(recipe, outputs, recipe.data.test_y[idx], kind)[0]
         grads = torch.autograd.grad(value, inputs)
         values.append(value.detach())
         g_theta.append(grads[0])
@@ -95,10 +94,19 @@ def accuracy_logits(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor,
 
 
 def accuracy(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor, batch: int = 1000) -> float:
-    correct = 0
+    """Fraction of test targets whose largest output is the target: per example for class
+    labels (N,), per position for sequences of labels (N, T) with outputs (N, T, classes). NaN
+    where the task's targets are not class labels of its outputs (e.g. a regression)."""
+    data, correct, total = recipe.data, 0, 0
+    if data.test_y.is_floating_point():
+        return float("nan")
     with torch.no_grad():
-        for lo in range(0, recipe.data.num_test, batch):
-            idx = torch.arange(lo, min(lo + batch, recipe.data.num_test), device=recipe.device)
-            logits = accuracy_logits(recipe, theta, buffers, recipe.data.test_batch(idx))
-            correct += int((logits.argmax(1) == recipe.data.test_y[idx]).sum())
-    return correct / recipe.data.num_test
+        for lo in range(0, data.num_test, batch):
+            idx = torch.arange(lo, min(lo + batch, data.num_test), device=recipe.device)
+            logits = accuracy_logits(recipe, theta, buffers, data.test_batch(idx))
+            labels = data.test_y[idx]
+            if logits.shape[:-1] != labels.shape:
+                return float("nan")
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += labels.numel()
+    return correct / max(1, total)

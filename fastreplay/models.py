@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -347,10 +348,17 @@ class _Constant:
                 or self.tensor._version != self.version)
 
 
+def default_decays(name: str, param: nn.Parameter) -> bool:
+    """Weight decay (and lr x1) for weight matrices and kernels; none (and lr x
+    train.bias_lr_scale) for biases and normalisation parameters."""
+    return param.dim() >= 2
+
+
 class FlatModel:
     """A network evaluated at flat (theta, buffers); groups are contiguous slices of theta.
 
-    ``model_factory`` (zero arguments, returning an nn.Module) replaces the built-in
+    ``decays(name, param) -> bool`` picks the weight-decayed group (default: tensors of two or
+    more dimensions). ``model_factory`` (zero arguments, returning an nn.Module) replaces the built-in
     ``build_module(cfg)``; either is called under ``torch.manual_seed(cfg.seed)``, so the initial
     weights are a function of the seed, and then passed through :func:`prepare_module`. theta
     holds every parameter; ``buffers`` holds the BatchNorm running statistics only, layer by
@@ -361,7 +369,7 @@ class FlatModel:
     GROUP_NAMES = ("decay", "no_decay")
 
     def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype,
-                 model_factory=None):
+                 model_factory=None, decays=None):
         torch.manual_seed(cfg.seed)  # initialisation on the CPU: identical on every device
         module = model_factory() if model_factory is not None else build_module(cfg)
         module = prepare_module(module).to(dtype)
@@ -374,8 +382,15 @@ class FlatModel:
         if not named:
             raise ConfigError("the model has no parameters to train; give it some (e.g. "
                               "BatchNorm with affine=True, a Linear layer)")
-        decay = [n for n, p in named.items() if p.dim() >= 2]
-        no_decay = [n for n, p in named.items() if p.dim() < 2]
+        decays = decays or default_decays
+        chosen = {n: decays(n, p) for n, p in named.items()}
+        for n, d in chosen.items():
+            if not isinstance(d, (bool, np.bool_)):
+                raise ConfigError(f"the task's decays rule returned {type(d).__name__} for "
+                                  f"parameter {n!r}; it must return True (weight-decayed) or "
+                                  "False")
+        decay = [n for n in named if chosen[n]]
+        no_decay = [n for n in named if not chosen[n]]
         self.param_slots, off, self.group_ends = [], 0, []
         for group in (decay, no_decay):
             for n in group:

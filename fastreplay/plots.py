@@ -10,11 +10,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _show(ax, image_chw: np.ndarray, title: str, color: str = "black") -> None:
-    ax.imshow(np.transpose(image_chw, (1, 2, 0)), interpolation="nearest")
+def _show(ax, image: np.ndarray, title: str, color: str = "black") -> None:
+    """An image (H, W, 3) or (H, W) (grey)."""
+    ax.imshow(image, interpolation="nearest", cmap="gray" if image.ndim == 2 else None)
     ax.set_title(title, fontsize=7, color=color)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _label(label, class_names) -> str:
+    """A class label by name where there are names; other targets as short text."""
+    label = np.asarray(label)
+    if label.ndim == 0 and np.issubdtype(label.dtype, np.integer):
+        return class_names[int(label)] if class_names else f"class {int(label)}"
+    return np.array2string(label, precision=3, threshold=4)
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -32,20 +41,24 @@ def helpful_order(scores: np.ndarray, kind: str) -> np.ndarray:
     return np.argsort(scores if kind == "loss" else -scores, kind="stable")
 
 
-def influence_figure(path: str | Path, target: int, target_image: np.ndarray, target_label: int,
-                     scores: np.ndarray, train_images: np.ndarray, train_labels: np.ndarray,
+def influence_figure(path: str | Path, target: int, target_image: np.ndarray, target_label,
+                     scores: np.ndarray, train_image, train_labels: np.ndarray,
                      class_names, kind: str, value: float, k: int = 8) -> Path:
-    """PNG: the target, then its k most helpful (top row) and k most harmful (bottom row)."""
+    """PNG: the target, then its k most helpful (top row) and k most harmful (bottom row).
+    ``train_image(i)`` draws training example i (an image array); a training example whose
+    label is the target's is titled green, others red."""
     order = helpful_order(scores, kind)
     rows = {"helpful": order[:k], "harmful": order[::-1][:k]}
     fig, axes = plt.subplots(2, k + 1, figsize=(1.3 * (k + 1), 3.2))
-    _show(axes[0, 0], target_image, f"test {target}\n{class_names[target_label]}\n{kind}={value:.3g}")
+    _show(axes[0, 0], target_image,
+          f"test {target}\n{_label(target_label, class_names)}\n{kind}={value:.3g}")
     axes[1, 0].axis("off")
     for r, (name, idx) in enumerate(rows.items()):
         for c, i in enumerate(idx, start=1):
-            lab = int(train_labels[i])
-            color = "green" if lab == target_label else "red"
-            _show(axes[r, c], train_images[i], f"#{i} {class_names[lab]}\n{scores[i]:+.2e}", color)
+            same = np.array_equal(train_labels[i], target_label)
+            _show(axes[r, c], train_image(i),
+                  f"#{i} {_label(train_labels[i], class_names)}\n{scores[i]:+.2e}",
+                  "green" if same else "red")
         axes[r, 1].set_ylabel(name, fontsize=8)
         axes[r, 1].yaxis.set_visible(True)
     fig.suptitle(f"Most helpful (top) and harmful (bottom) training examples, d{kind}/dw",

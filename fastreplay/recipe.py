@@ -9,13 +9,13 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import RunConfig
-from .data import DeviceData, ImageData, batch_schedule, check_image_data, load_data
+from .data import ImageData, batch_schedule, device_data
 from .exceptions import ConfigError
 from .kernels import resolve_backend, sgd_step_
 from .models import FlatModel
+from .task import Task, builtin_measurement, builtin_task, check_task, cross_entropy, per_example
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -108,22 +108,28 @@ ModelFactory = Optional[Callable[[], torch.nn.Module]]
 
 
 class Recipe:
-    """``model_factory``: a zero-argument callable returning the nn.Module to train instead of
-    the built-in ``model.name`` (see FlatModel: called under torch.manual_seed(cfg.seed), its
-    stock BatchNorm layers swapped for the functional twin, refused with a ConfigError where it
-    could not be replayed exactly). None: the built-in model, exactly as before. ``data``: the
-    user's own ImageData (checked by data.check_image_data) instead of ``data.name``."""
+    """``task``: what to train and measure (fastreplay.task.Task); None: the preset's own
+    (task.builtin_task: ``model.name`` on ``data.name``), for which ``model_factory`` and
+    ``data`` are shorthands replacing the module (a zero-argument callable, called under
+    torch.manual_seed(cfg.seed), its stock BatchNorm layers swapped for the functional twin,
+    refused with a ConfigError where it could not be replayed exactly) and the images
+    (ImageData, checked by data.check_image_data)."""
 
     def __init__(self, cfg: RunConfig, download: bool = False, data: Optional[ImageData] = None,
-                 model_factory: ModelFactory = None):
+                 model_factory: ModelFactory = None, task: Optional[Task] = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = DTYPES[cfg.train.dtype]
         configure_determinism(self.device, cfg.train.tf32)
-        data = (load_data(cfg, download) if data is None
-                else check_image_data(data, cfg.data.num_classes))
-        self.data = DeviceData(data, cfg, self.device, self.dtype)
-        self.model = FlatModel(cfg, self.device, self.dtype, model_factory)
+        if task is None:
+            task = builtin_task(cfg, download, data, model_factory)
+        elif data is not None or model_factory is not None:
+            raise ConfigError("give either a task or model_factory/data, not both: they are "
+                              "the task's model and data")
+        self.task = check_task(task)
+        self.data = device_data(self.task, cfg, self.device, self.dtype)
+        self.model = FlatModel(cfg, self.device, self.dtype, self.task.model, self.task.decays)
+        self.loss_fn = self.task.loss or cross_entropy(cfg.train.label_smoothing)
         n, b = self.data.num_train, cfg.train.batch_size
         if b > n:
             raise ConfigError(f"train.batch_size={b} exceeds the {n} training examples")
@@ -187,10 +193,13 @@ class Recipe:
                y: torch.Tensor):
         """Per-example training losses on (x, y) and the updated running statistics: a pure
         function of tensors (what torch.func and torch.compile transform)."""
-        logits, new_buffers = self.model.forward(theta, buffers, x, train=True)
-        losses = F.cross_entropy(logits, y, reduction="none",
-                                 label_smoothing=self.cfg.train.label_smoothing)
-        return losses, new_buffers
+        outputs, new_buffers = self.model.forward(theta, buffers, x, train=True)
+        return per_example(self.loss_fn(outputs, y), y.shape[0], "loss"), new_buffers
+
+    def measurement(self, kind: str):
+        """The function of (test outputs, targets) measured under ``kind``: the task's own, else
+        the built-in one."""
+        return self.task.measurements.get(kind) or builtin_measurement(kind)
 
     def batch_losses(self, theta: torch.Tensor, buffers: torch.Tensor, step: int,
                      present: Optional[torch.Tensor] = None):

@@ -42,8 +42,8 @@ def unrolled_scores(recipe: Recipe, targets: list[int], kind: str) -> torch.Tens
     weights = recipe.ones().requires_grad_(True)
     theta, buffers = unrolled_training(recipe, weights)
     idx = torch.as_tensor(targets, device=recipe.device)
-    logits, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
-    values = measurement_values(logits, recipe.data.test_y[idx], kind)
+    outputs, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
+    values = measurement_values(recipe, outputs, recipe.data.test_y[idx], kind)
     rows = [torch.autograd.grad(values[k], weights, retain_graph=k + 1 < len(targets))[0]
             for k in range(len(targets))]
     return torch.stack(rows)

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import fastreplay.models as models
-import fastreplay.recipe as recipe_module
+import fastreplay.data as data_module
 from fastreplay.api import open_or_train, open_trained
 from fastreplay.config import load_config
 from fastreplay.exceptions import StoreError
 from fastreplay.inputs import ATTR, data_fingerprint, model_fingerprint
+from fastreplay.task import code_fingerprint
 
 CFG = ["train.epochs=1", "data.num_train=32", "data.num_test=8"]
 
@@ -28,7 +29,8 @@ def _train(run_dir):
 def test_the_store_records_the_model_and_data_it_was_trained_on(tmp_path):
     recipe, recorded = _train(tmp_path)
     assert recorded == {"model": model_fingerprint(recipe.model),
-                        "data": data_fingerprint(recipe.data)}
+                        "data": data_fingerprint(recipe.data),
+                        "task": code_fingerprint(recipe.task)}
     _, store = open_trained(tmp_path)  # same inputs: opens
     store.close()
     _, store = open_or_train(load_config("test", overrides=CFG), tmp_path)  # reused
@@ -37,7 +39,7 @@ def test_the_store_records_the_model_and_data_it_was_trained_on(tmp_path):
 
 def test_edited_data_after_the_run_is_a_clear_error(tmp_path, monkeypatch):
     _train(tmp_path)
-    real = recipe_module.load_data
+    real = data_module.load_data
 
     def one_label_changed(cfg, download=False):
         data = real(cfg, download)
@@ -45,11 +47,11 @@ def test_edited_data_after_the_run_is_a_clear_error(tmp_path, monkeypatch):
         data.train_y[3] = (data.train_y[3] + 1) % cfg.data.num_classes
         return data
 
-    monkeypatch.setattr(recipe_module, "load_data", one_label_changed)
+    monkeypatch.setattr(data_module, "load_data", one_label_changed)
     for reopen in (lambda: open_trained(tmp_path),
                    lambda: open_or_train(load_config("test", overrides=CFG), tmp_path)):
-        with pytest.raises(StoreError, match=r"different data \(the training or test images or "
-                                             r"labels\).*--force"):
+        with pytest.raises(StoreError, match=r"different data \(the training or test inputs or "
+                                             r"targets\).*--force"):
             reopen()
 
 
