@@ -34,11 +34,12 @@ def _digest(parts) -> str:
 
 def model_fingerprint(model) -> str:
     """The module's structure (every submodule's name and class, the parameter layout) and its
-    initial parameters and buffers, bit for bit. Class names rather than the module's repr,
+    initial parameters, frozen parameters and buffers, bit for bit. Class names rather than the module's repr,
     which torch may word differently from one release to the next."""
     modules = [(name, type(m).__name__) for name, m in model.module.named_modules()]
     layout = [(s.name, tuple(s.shape)) for s in model.param_slots]
-    return _digest([repr(modules), repr(layout), model.theta0, model.buffers0])
+    frozen = [part for name, p in model.frozen.items() for part in (name, p)]
+    return _digest([repr(modules), repr(layout), model.theta0, model.buffers0, *frozen])
 
 
 def data_fingerprint(data) -> str:

@@ -302,6 +302,9 @@ def _twin(layer: nn.modules.batchnorm._BatchNorm) -> BatchNorm:
     return twin
 
 
+_BF16_CAPABLE = {nn.Conv2d: Conv2d, nn.Linear: Linear}
+
+
 def prepare_module(module: nn.Module) -> nn.Module:
     """Check a module for what exact replay needs and swap its stock BatchNorm layers for the
     twin, in place, under the same attribute names (parameter names, order and values stay).
@@ -325,6 +328,11 @@ def prepare_module(module: nn.Module) -> nn.Module:
             raise ConfigError(why)
         if isinstance(layer, nn.modules.batchnorm._BatchNorm) and id(layer) not in twins:
             twins[id(layer)] = _twin(layer)
+    for layer in module.modules():
+        # Stock Conv2d and Linear become their behaviour-identical subclasses, which can compute
+        # in bfloat16 under train.bf16 (their compute_dtype); nothing else about them changes.
+        if type(layer) in _BF16_CAPABLE:
+            layer.__class__ = _BF16_CAPABLE[type(layer)]
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return twins[id(module)]
     for parent in list(module.modules()):
@@ -378,10 +386,14 @@ class FlatModel:
         for layer in module.modules():
             if isinstance(layer, (Conv2d, Linear)):
                 layer.compute_dtype = torch.bfloat16 if cfg.train.bf16 else None
-        named = dict(module.named_parameters())
+        # Parameters with requires_grad=False are frozen: constants of the run, left on the
+        # module (functional_call uses them as they are), outside theta and never stepped.
+        named = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        self.frozen = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
         if not named:
-            raise ConfigError("the model has no parameters to train; give it some (e.g. "
-                              "BatchNorm with affine=True, a Linear layer)")
+            raise ConfigError("the model has no parameters to train (none, or all with "
+                              "requires_grad=False); give it some (e.g. BatchNorm with "
+                              "affine=True, a Linear layer)")
         decays = decays or default_decays
         chosen = {n: decays(n, p) for n, p in named.items()}
         for n, d in chosen.items():

@@ -1,4 +1,4 @@
-"""The README's own-model example, run exactly as written (extracted from README.md)."""
+"""The README's own-task example, run exactly as written (extracted from README.md)."""
 from __future__ import annotations
 
 import os
@@ -28,4 +28,4 @@ def test_the_readme_own_model_example_runs_as_written(tmp_path):
     assert lines[0] == "(3, 64)"
     lds = float(lines[-1].split()[1])
     assert lds > 0.5, proc.stdout  # the example's run is smooth: its scores predict retraining
-    assert (tmp_path / "runs" / "own-model" / "run.zarr").is_dir()
+    assert (tmp_path / "runs" / "own-task" / "run.zarr").is_dir()

@@ -72,8 +72,17 @@ def gn_cnn() -> nn.Module:
                          nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, C))
 
 
+def frozen_first_layer() -> nn.Module:
+    """A frozen (requires_grad=False) random first layer: a constant of the run, not trained."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(D, 16), nn.GELU(), nn.Linear(16, 16),
+                        nn.BatchNorm1d(16), nn.GELU(), nn.Linear(16, C))
+    net[1].requires_grad_(False)
+    return net
+
+
 FACTORIES = {"batchnorm2d-cnn": bn_cnn, "batchnorm1d-two-momenta": bn_mlp,
-             "layernorm-mlp": ln_mlp, "groupnorm-cnn": gn_cnn}
+             "layernorm-mlp": ln_mlp, "groupnorm-cnn": gn_cnn,
+             "frozen-first-layer": frozen_first_layer}
 
 
 def train_store(recipe: Recipe, path) -> RunStore:
@@ -424,3 +433,32 @@ def test_the_workflows_take_a_user_module_and_its_store_refuses_the_built_in(tmp
         store.close()
     with pytest.raises(StoreError, match="different model"):
         open_trained(tmp_path)
+
+
+def test_frozen_parameters_stay_out_of_theta_and_are_not_trained():
+    recipe = Recipe(load_config("test", overrides=OVERRIDES), model_factory=frozen_first_layer)
+    model = recipe.model
+    assert set(model.frozen) == {"1.weight", "1.bias"}
+    assert all(not s.name.startswith("1.") for s in model.param_slots)
+    before = {n: p.clone() for n, p in model.frozen.items()}
+    state = recipe.init_state()
+    for _ in range(3):
+        recipe.step(state, recipe.ones())
+    assert not torch.equal(state.theta, model.theta0)
+    assert all(torch.equal(model.module[1].get_parameter(n[2:]), before[n]) for n in before)
+
+
+def test_bf16_reaches_the_stock_conv_and_linear_layers_of_a_user_model():
+    """train.bf16 computes a user module's stock Conv2d and Linear layers in bfloat16, as it
+    does the built-in models' (they become the package's behaviour-identical subclasses)."""
+    overrides = OVERRIDES + ["train.dtype=float32"]
+    plain = Recipe(load_config("test", overrides=overrides), model_factory=bn_cnn).model
+    bf16 = Recipe(load_config("test", overrides=overrides + ["train.bf16=true"]),
+                  model_factory=bn_cnn).model
+    layers = [m for m in bf16.module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 3 and all(m.compute_dtype == torch.bfloat16 for m in layers)
+    x = torch.randn(4, 3, 8, 8)
+    a, _ = plain.forward(plain.theta0, plain.buffers0, x, train=False)
+    b, _ = bf16.forward(bf16.theta0, bf16.buffers0, x, train=False)
+    assert a.dtype == b.dtype == torch.float32
+    assert 0 < (a - b).abs().max() < 0.05  # bf16 rounding, nothing else
