@@ -6,7 +6,7 @@
 #   `smoothness` (determinism and the metasmoothness S; 5 trainings in all).
 # Usage (on the GPU machine, from the checkout root, after `source .gpu/gpu_env.sh`):
 #   NAME=magic-w1 RECIPE="--preset full --set ..." TARGETS=0:4 MODELS=16 KEEP=0.99 \
-#     bash benchmarks/gpu_screen.sh
+#     bash benchmarks/archive/gpu_screen.sh
 # Each step has its own time limit (T_MAGIC, T_SMOOTH, T_LDS seconds) so that one call returns
 # whatever finished; results land in $OUT/$NAME.txt (JSON lines) and $OUT/$NAME.log.
 set -uo pipefail

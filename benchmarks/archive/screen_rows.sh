@@ -5,7 +5,7 @@
 # result is $OUT/NAME.txt; the logs go to $LOGS (default /tmp/screen-logs), so that a call
 # returns few files. BASE (default the MAGIC-style recipe) is put before each row's options.
 # Usage (GPU machine, checkout root, after `source .gpu/gpu_env.sh`):
-#   ROWFILE=rows.txt T_ROW=200 bash benchmarks/screen_rows.sh
+#   ROWFILE=rows.txt T_ROW=200 bash benchmarks/archive/screen_rows.sh
 set -uo pipefail
 : "${ROWFILE:?}" "${T_ROW:=240}" "${LOGS:=/tmp/screen-logs}"
 : "${BASE:=--preset full --config benchmarks/recipes/magic-style.toml}"
@@ -18,7 +18,7 @@ for g in $(seq 0 $((ngpu - 1))); do
     grep -v '^\s*\(#\|$\)' "$ROWFILE" | while read -r name args; do
       if [ $((i % ngpu)) -eq "$g" ]; then
         CUDA_VISIBLE_DEVICES=$g NAME=$name RECIPE="$BASE $args" T_MAGIC=$T_ROW T_SMOOTH=$T_ROW \
-          bash benchmarks/gpu_screen.sh >/dev/null 2>&1
+          bash benchmarks/archive/gpu_screen.sh >/dev/null 2>&1
       fi
       i=$((i + 1))
     done
