@@ -15,10 +15,10 @@ import json
 import numpy as np
 from scipy.stats import spearmanr
 
-from fastreplay.api import open_trained
-from fastreplay.bench import replay_variant
-from fastreplay.lds import stored_scores
-from fastreplay.replay import replay
+from fastreplay.core.replay import replay
+from fastreplay.interface.api import open_trained
+from fastreplay.workflows.bench import replay_variant
+from fastreplay.workflows.lds import stored_scores
 
 
 def main():

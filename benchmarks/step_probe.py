@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from fastreplay.bench import _eager_nn_step, _time, replay_variant
 from fastreplay.config import load_config
-from fastreplay.recipe import Recipe
-from fastreplay.replay import step_vjp
+from fastreplay.core.recipe import Recipe
+from fastreplay.core.replay import step_vjp
+from fastreplay.workflows.bench import _eager_nn_step, _time, replay_variant
 
 
 def main():

@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastreplay import kernels
-from fastreplay.bench import adjoint_foreach
-from fastreplay.optim import sgd_adjoint_reference
+from fastreplay.core import kernels
+from fastreplay.core.optim import sgd_adjoint_reference
+from fastreplay.workflows.bench import adjoint_foreach
 
 P = 6_573_120
 SIZES = [1728, 73728, 147456, 147456, 294912, 1179648, 2359296, 2359296, 5120]

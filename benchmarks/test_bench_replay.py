@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from fastreplay.config import load_config
-from fastreplay.recipe import Recipe
-from fastreplay.replay import step_vjp
+from fastreplay.core.recipe import Recipe
+from fastreplay.core.replay import step_vjp
 
 CUDA = torch.cuda.is_available()
 

@@ -1,4 +1,4 @@
 """`python -m fastreplay ...` (and `torchrun -m fastreplay ...`) run the CLI."""
-from .cli import main
+from fastreplay.interface.cli import main
 
 main()

@@ -12,10 +12,11 @@ import json
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+import tomllib
 
 from .exceptions import ConfigError
 

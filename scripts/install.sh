@@ -10,4 +10,4 @@ $PY -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>/dev/null \
 $PY -m pip install -q setuptools wheel ninja
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda/lib64 ]; then export CUDA_HOME=/usr/local/cuda; fi
 $PY -m pip install -q --no-build-isolation -e ".[test]"
-$PY -c "import fastreplay.kernels as k; print('fastreplay installed; compiled kernels:', k.extension_loaded(), '| cuda kernels:', k.cuda_kernels_built())"
+$PY -c "import fastreplay.core.kernels as k; print('fastreplay installed; compiled kernels:', k.extension_loaded(), '| cuda kernels:', k.cuda_kernels_built())"

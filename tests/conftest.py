@@ -9,7 +9,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from fastreplay.cli import app
+from fastreplay.interface.cli import app
 
 
 def cuda_available() -> bool:
@@ -62,10 +62,10 @@ def cli():
 
 
 def run_module(*args, cwd=None, env=None, check=True):
-    """Run `python -m fastreplay.cli ...` in a subprocess (real exit codes and stderr)."""
+    """Run `python -m fastreplay.interface.cli ...` in a subprocess (real exit codes and stderr)."""
     e = dict(os.environ)
     e.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "fastreplay.cli", *map(str, args)],
+    proc = subprocess.run([sys.executable, "-m", "fastreplay.interface.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env=e)
     if check:
         assert proc.returncode == 0, proc.stderr

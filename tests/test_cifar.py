@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import set_args
-from fastreplay.api import store_path
+
 from fastreplay.config import load_config
 from fastreplay.data import CIFAR10_CLASSES, load_cifar10, load_data
 from fastreplay.exceptions import DataError
+from fastreplay.interface.api import store_path
 from fastreplay.store import RunStore
 
 PER_BATCH, N_TEST = 20, 20  # 5 x 20 = 100 training images

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import tomllib
-
 from conftest import SMALL, run_module, set_args
-from fastreplay.api import store_path
+
 from fastreplay.config import load_config
+from fastreplay.interface.api import store_path
 from fastreplay.store import RunStore
 
 
@@ -33,7 +33,7 @@ def test_bad_override_is_one_line_error():
 def test_info_json(cli):
     import torch
 
-    from fastreplay import kernels
+    from fastreplay.core import kernels
     out = cli.json("info")
     assert out["torch"] == torch.__version__
     assert out["extension_loaded"] == kernels.extension_loaded()
@@ -68,8 +68,8 @@ def test_bench_replay_reports_ratios(cli, tmp_path, monkeypatch):
     import numpy as np
     import pytest
 
-    import fastreplay.replay
-    from fastreplay.recipe import Recipe
+    import fastreplay.core.replay
+    from fastreplay.core.recipe import Recipe
 
     kept = tmp_path / "bench_tmp"  # keep the benchmark's temporary store to measure it
     kept.mkdir()
@@ -86,13 +86,13 @@ def test_bench_replay_reports_ratios(cli, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "TemporaryDirectory", KeptDir)
     replays = []
-    real_replay = fastreplay.replay.replay
+    real_replay = fastreplay.core.replay.replay
 
     def spy(recipe, store, targets, kind):
         res = real_replay(recipe, store, targets, kind)
         replays.append((list(targets), kind, res))
         return res
-    monkeypatch.setattr(fastreplay.replay, "replay", spy)
+    monkeypatch.setattr(fastreplay.core.replay, "replay", spy)
 
     out = cli.json("bench", "replay", "--device", "cpu", "--preset", "test", "--targets", "1,2")
     cfg = load_config("test")
@@ -150,6 +150,7 @@ def test_window_scores_are_stored_apart(cli, tmp_path):
 def test_json_output_is_strict():
     """Undefined statistics (NaN) print as null, never as the non-JSON token NaN."""
     import numpy as np
-    from fastreplay.cli import _strict_json
+
+    from fastreplay.interface.cli import _strict_json
     assert _strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": np.array([np.nan, 2.0])}) \
         == {"a": None, "b": [1.0, None], "c": [None, 2.0]}

@@ -1,7 +1,7 @@
 """No command a user types ends in a traceback or a wrong exit code.
 
 Bad input: exit 2 and exactly one line `error: <what is wrong>; <how to fix it>` on stderr.
-Ctrl-C: exit 130 and one line saying what is kept. Checked on real `python -m fastreplay.cli`
+Ctrl-C: exit 130 and one line saying what is kept. Checked on real `python -m fastreplay.interface.cli`
 processes (what users see: stderr after interpreter shutdown, real signals), plus an in-process
 sweep of hostile values over every option of every command, to catch the next such bug.
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from test_robustness import CONFIG, REPO, _main, error_line, fastreplay, fastreplay_all
 
-from fastreplay.cli import app
 from fastreplay.config import RunConfig, load_config
 from fastreplay.exceptions import ConfigError
+from fastreplay.interface.cli import app
 from fastreplay.store import RunStore
-from test_robustness import CONFIG, REPO, _main, error_line, fastreplay, fastreplay_all
 
 HUGE = "99999999999999999999999"
 
@@ -153,8 +153,8 @@ def test_bad_input_is_one_line_and_exit_2(name, bad_input_results):
 
 def test_weights_of_objects_are_refused_by_the_api():
     """api.counterfactual refuses what the CLI cannot even load (object arrays) by dtype kind."""
-    from fastreplay.api import counterfactual
-    from fastreplay.recipe import Recipe
+    from fastreplay.core.recipe import Recipe
+    from fastreplay.interface.api import counterfactual
     cfg = load_config("test", None, CONFIG[3::2])
     recipe = Recipe(cfg)
     for bad, words in ((np.array([1.0] * 96, dtype=object), "object (Python objects)"),
@@ -259,8 +259,8 @@ def test_interrupted_training_stops_its_writer_before_the_lock_is_released(tmp_p
     and the writer stops before the run directory's lock goes (no write after it, none lost)."""
     import threading
 
-    import fastreplay.train as train_mod
-    from fastreplay.api import open_or_train
+    import fastreplay.core.train as train_mod
+    from fastreplay.interface.api import open_or_train
 
     def slow_checkpoint(self, *args, _real=RunStore._write_checkpoint_now):
         time.sleep(0.2)  # the writer still busy when Ctrl-C comes
@@ -276,7 +276,7 @@ def test_interrupted_training_stops_its_writer_before_the_lock_is_released(tmp_p
 
     monkeypatch.setattr(RunStore, "_write_checkpoint_now", slow_checkpoint)
     monkeypatch.setattr(train_mod, "run_steps", ctrl_c_at_step_8)
-    monkeypatch.setattr("fastreplay.api.train_into_store", train_mod.train_into_store)
+    monkeypatch.setattr("fastreplay.interface.api.train_into_store", train_mod.train_into_store)
 
     def writers() -> set:  # stores other tests left open keep theirs: count only new ones
         return {t for t in threading.enumerate() if t.name == "fastreplay-writer" and t.is_alive()}

@@ -1,5 +1,5 @@
 """The CUDA path against its oracles: finite differences of real retrainings and the
-unrolled-autograd oracle (fastreplay/reference.py), on tiny runs (12 steps, 48 examples).
+unrolled-autograd oracle (fastreplay/core/reference.py), on tiny runs (12 steps, 48 examples).
 
 Run it on a machine with a CUDA GPU (every test here is marked cuda and skips without one):
 
@@ -47,16 +47,20 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-
 from conftest import SMALL
-from fastreplay import kernels
-from fastreplay.api import counterfactual, open_or_train, run_magic
+from test_exactness import (
+    SCHEDULES,
+    TARGETS,
+    assert_matches_finite_differences,
+    central_differences,
+)
+
 from fastreplay.config import load_config
-from fastreplay.recipe import Recipe
-from fastreplay.reference import unrolled_scores
-from fastreplay.replay import hvp_mode, replay
-from test_exactness import (SCHEDULES, TARGETS, assert_matches_finite_differences,
-                            central_differences)
+from fastreplay.core import kernels
+from fastreplay.core.recipe import Recipe
+from fastreplay.core.reference import unrolled_scores
+from fastreplay.core.replay import hvp_mode, replay
+from fastreplay.interface.api import counterfactual, open_or_train, run_magic
 
 pytestmark = pytest.mark.cuda
 
@@ -270,9 +274,9 @@ def test_channels_last_average_pool_magic_and_lds_run_on_cuda(tmp_path):
     """`magic` then `lds` with more than one model per batch on the channels_last ResNet-9
     with average pooling: scores through the fallback chain, retraining one model at a time
     (vmap cannot batch channels_last models), bitwise equal to single-model training."""
-    from fastreplay.lds import run_lds, subset_masks
-    from fastreplay.multitrain import can_batch_models, train_many
-    from fastreplay.train import train
+    from fastreplay.core.multitrain import can_batch_models, train_many
+    from fastreplay.core.train import train
+    from fastreplay.workflows.lds import run_lds, subset_masks
     cfg = _cfg(RESNET9_CHANNELS_LAST)
     run_magic(cfg, TARGETS, tmp_path, plots=False)
     recipe, store = open_or_train(cfg, tmp_path)

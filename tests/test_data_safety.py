@@ -1,6 +1,6 @@
 """Nothing a user types may destroy data.
 
-One test per family, through the real CLI (`python -m fastreplay.cli` in a subprocess): empty
+One test per family, through the real CLI (`python -m fastreplay.interface.cli` in a subprocess): empty
 path arguments (an unset shell variable), --force and `clean` next to data that fastreplay did
 not write, --store URL schemes, checksummed LDS values, and damaged store metadata. Every refusal
 is exit code 2 with one `error: ...` line, and every file of the user's is still there, byte for
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from test_robustness import CONFIG, KILLED, REPO, error_line, fastreplay, fastreplay_all, ok
 
 from fastreplay.store import RunStore, discard_store, versions
-from test_robustness import CONFIG, KILLED, REPO, error_line, fastreplay, fastreplay_all, ok
 
 LDS = ["lds", "--models", "4", "--keep", "0.9", "--no-plots", "--json", "--log-level", "WARNING"]
 GROUP = "lds/weight_keep0.9"
@@ -31,10 +31,10 @@ def magic(targets: str = "0:2") -> list[str]:
 
 
 def fastreplay_in(cwd: Path, *args) -> subprocess.CompletedProcess:
-    """`python -m fastreplay.cli ARGS` run in ``cwd`` (where an empty path would point)."""
+    """`python -m fastreplay.interface.cli ARGS` run in ``cwd`` (where an empty path would point)."""
     env = {k: v for k, v in os.environ.items() if k != "FASTREPLAY_CRASH_AT"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run([sys.executable, "-m", "fastreplay.cli", *map(str, args)], env=env,
+    return subprocess.run([sys.executable, "-m", "fastreplay.interface.cli", *map(str, args)], env=env,
                           cwd=cwd, capture_output=True, text=True, timeout=300)
 
 

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from fastreplay.api import run_magic, store_path
 from fastreplay.config import load_config
+from fastreplay.interface.api import run_magic, store_path
 from fastreplay.store import RunStore
 
 OVERRIDES = ["data.name=synthetic", "data.num_train=120", "data.num_test=8", "data.image_size=8",
@@ -47,7 +47,7 @@ def test_two_ranks_equal_one(tmp_path):
 
 
 def _design(run_dir):
-    from fastreplay.lds import subset_masks
+    from fastreplay.workflows.lds import subset_masks
     store = RunStore.open(store_path(run_dir), mode="r")
     _, attrs = store.read_scores("loss")
     return subset_masks(120, 6, 0.9, 0), [int(t) for t in attrs["targets"]], {}
@@ -72,7 +72,7 @@ def test_two_rank_replay_equals_one(tmp_path, hvp):
 def test_ranks_replay_the_passes_of_one_process(monkeypatch):
     """Whole passes are dealt to ranks: the union over ranks is the one-process split."""
     from fastreplay import distributed
-    from fastreplay.api import replay_passes
+    from fastreplay.interface.api import replay_passes
     targets, batch = list(range(11)), 3
     alone = replay_passes(targets, batch)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-
 from conftest import SMALL, set_args
-from fastreplay import kernels
-from fastreplay.api import counterfactual, open_or_train
+
 from fastreplay.config import load_config
-from fastreplay.recipe import Recipe
-from fastreplay.replay import replay
+from fastreplay.core import kernels
+from fastreplay.core.recipe import Recipe
+from fastreplay.core.replay import replay
+from fastreplay.interface.api import counterfactual, open_or_train
 
 EPS = 1e-4
 TOL = 1e-6

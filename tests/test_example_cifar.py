@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from conftest import run_module
 from test_cifar import write_tiny_cifar10
 

@@ -17,13 +17,13 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from conftest import SMALL
-from fastreplay.api import open_or_train
+
 from fastreplay.config import load_config
+from fastreplay.core.replay import hvp_mode, replay
 from fastreplay.exceptions import ReplayError
+from fastreplay.interface.api import open_or_train
 from fastreplay.progress import log
-from fastreplay.replay import hvp_mode, replay
 
 TARGETS = [1, 4]
 
@@ -115,7 +115,7 @@ def test_auto_falls_back_exactly_where_torch_cannot_transform_the_model(
     """replay.hvp=auto on "CUDA" (K = 2: forward-vmap first) ends on the first mode that runs,
     with the scores of that mode chosen explicitly (bitwise: the failed attempt changes
     nothing), one warning per mode ruled out, and no second try."""
-    from fastreplay import replay as replay_mod
+    from fastreplay.core import replay as replay_mod
     recipe, store = _trained(tmp_path, monkeypatch, gap, lands_on)
     expected = replay(recipe, store, TARGETS, "loss").scores
     recipe.cfg.replay.hvp = "auto"
@@ -152,7 +152,7 @@ def test_an_explicit_mode_torch_cannot_run_is_one_clear_error(gap, hvp, use, tmp
 ])
 def test_a_real_error_in_the_vmapped_step_is_not_taken_for_a_limitation(bug, tmp_path,
                                                                         monkeypatch):
-    from fastreplay import replay as replay_mod
+    from fastreplay.core import replay as replay_mod
     recipe, store = open_or_train(load_config("test", overrides=SMALL), tmp_path)
 
     def broken(recipe, batched):
@@ -171,9 +171,9 @@ def test_train_many_trains_one_model_at_a_time_where_vmap_cannot_batch_it(
         gap, monkeypatch, warnings_logged):
     """LDS retraining: the vmapped multi-model step meets the same gaps; it starts over one
     model at a time (bitwise single-model training) and does not try vmap again."""
-    from fastreplay.multitrain import can_batch_models, choose_models_per_batch, train_many
-    from fastreplay.recipe import Recipe
-    from fastreplay.train import train
+    from fastreplay.core.multitrain import can_batch_models, choose_models_per_batch, train_many
+    from fastreplay.core.recipe import Recipe
+    from fastreplay.core.train import train
     recipe = Recipe(load_config("test", overrides=SMALL + ["train.epochs=1"]))
     _splice(monkeypatch, recipe, gap)
     assert can_batch_models(recipe)

@@ -8,12 +8,12 @@ import re
 import pytest
 import torch
 
-import fastreplay.models as models
+import fastreplay.core.models as models
 import fastreplay.data as data_module
-from fastreplay.api import open_or_train, open_trained
 from fastreplay.config import load_config
 from fastreplay.exceptions import StoreError
-from fastreplay.inputs import ATTR, data_fingerprint, model_fingerprint
+from fastreplay.interface.api import open_or_train, open_trained
+from fastreplay.store.inputs import ATTR, data_fingerprint, model_fingerprint
 from fastreplay.task import code_fingerprint
 
 CFG = ["train.epochs=1", "data.num_train=32", "data.num_test=8"]

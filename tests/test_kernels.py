@@ -1,4 +1,4 @@
-"""Fused custom ops torch.ops.fastreplay.* (csrc/) vs the PyTorch reference (fastreplay/optim.py).
+"""Fused custom ops torch.ops.fastreplay.* (csrc/) vs the PyTorch reference (fastreplay/core/optim.py).
 
 Tolerances: the fused kernels evaluate the same formulas in the same order and in the same
 precision as the reference, but the reference runs several ATen kernels (some of which contract
@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from fastreplay.optim import sgd_adjoint_reference, sgd_step_reference
+from fastreplay.core.optim import sgd_adjoint_reference, sgd_step_reference
 
 try:  # importing the extension registers torch.ops.fastreplay.*
     import fastreplay._C  # noqa: F401

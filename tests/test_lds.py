@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastreplay.api import open_or_train, run_magic
 from fastreplay.config import load_config
 from fastreplay.exceptions import ConfigError, TrainingError
-from fastreplay.lds import CI_METHOD, lds_statistics, run_lds, spearman_rows, subset_masks
+from fastreplay.interface.api import open_or_train, run_magic
+from fastreplay.workflows.lds import CI_METHOD, lds_statistics, run_lds, spearman_rows, subset_masks
 
 OVERRIDES = ["data.name=synthetic", "data.num_train=200", "data.num_test=16",
              "data.image_size=8", "train.epochs=2", "train.batch_size=20", "train.lr=0.05",
@@ -42,7 +42,7 @@ def test_lds_high_at_small_drop_fraction(scored_run):
 def test_lds_resumes_without_retraining(scored_run, monkeypatch):
     recipe, store = scored_run
     first, _, _ = run_lds(recipe, store, models=6, keep=0.9, targets=[0, 1])
-    import fastreplay.lds as lds_mod
+    import fastreplay.workflows.lds as lds_mod
     monkeypatch.setattr(lds_mod, "retrain_subset", lambda *a, **k: pytest.fail("retrained"))
     again, _, _ = run_lds(recipe, store, models=6, keep=0.9, targets=[0, 1])
     assert again.per_target == first.per_target
@@ -89,7 +89,7 @@ def test_diverged_drop_removal_model_is_an_error_not_a_nan_row(scored_run, monke
 
 
 def test_non_finite_measurement_is_an_error_not_an_untrained_row(scored_run, monkeypatch):
-    import fastreplay.lds as lds_mod
+    import fastreplay.workflows.lds as lds_mod
     recipe, store = scored_run
     calls, real_measure = [], lds_mod.measure
 
@@ -147,7 +147,7 @@ def test_batched_lds_equals_one_at_a_time(scored_run):
 
 
 def test_smoothness_passes_on_a_smooth_run_and_can_fail(scored_run):
-    from fastreplay.smoothness import check_smoothness
+    from fastreplay.workflows.smoothness import check_smoothness
     recipe, store = scored_run
     rep = check_smoothness(recipe, store, keep=0.95)
     assert rep.deterministic and rep.passed and rep.score > 0.8, rep
@@ -166,8 +166,9 @@ def test_window_retrainings_start_from_the_stored_run(tmp_path):
     """With an attribution window, retrainings begin at the stored state at replay.start_step
     (checkpoint 10, stepped to 12) and land bit for bit where training from scratch would."""
     import torch
-    from fastreplay.lds import retrain_subset
-    from fastreplay.train import run_steps, train, window_start
+
+    from fastreplay.core.train import run_steps, train, window_start
+    from fastreplay.workflows.lds import retrain_subset
     cfg = load_config("test", overrides=OVERRIDES + ["replay.start_step=12"])
     run_magic(cfg, [0, 1, 2, 3], tmp_path, plots=False)
     recipe, store = open_or_train(cfg, tmp_path)
@@ -189,9 +190,10 @@ def test_channels_last_runs_train_one_model_at_a_time():
     """vmap cannot batch channels_last models: train_many falls back to one at a time, bitwise
     equal to single-model training."""
     import torch
-    from fastreplay.multitrain import choose_models_per_batch, train_many
-    from fastreplay.recipe import Recipe
-    from fastreplay.train import train
+
+    from fastreplay.core.multitrain import choose_models_per_batch, train_many
+    from fastreplay.core.recipe import Recipe
+    from fastreplay.core.train import train
     recipe = Recipe(load_config("test", overrides=OVERRIDES + ["train.channels_last=true",
                                                                "train.epochs=1"]))
     w = torch.from_numpy(np.stack([np.ones(200), subset_masks(200, 1, 0.9, 0)[0]]).astype(np.float64))
@@ -202,7 +204,7 @@ def test_channels_last_runs_train_one_model_at_a_time():
 
 
 def test_window_epochs_resolve_to_the_last_steps():
-    from fastreplay.recipe import Recipe
+    from fastreplay.core.recipe import Recipe
     cfg = load_config("test", overrides=OVERRIDES + ["replay.window_epochs=0.5"])
     recipe = Recipe(cfg)  # 2 epochs of 10 steps: the last half epoch is steps 15..19
     assert cfg.replay.start_step == 15 and cfg.replay.window_epochs == 0

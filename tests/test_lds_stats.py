@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastreplay.lds import lds_statistics, spearman_rows
+from fastreplay.workflows.lds import lds_statistics, spearman_rows
 
 K, M, REPS = 20, 100, 200
 OLD_RESAMPLES = 50  # its failure is a bias, not resampling noise: 50 resamples show it

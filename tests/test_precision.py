@@ -11,13 +11,13 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SMALL
-from fastreplay.api import open_or_train
+
 from fastreplay.config import KEYS_ADDED_LATER, load_config
+from fastreplay.core.reference import unrolled_scores
+from fastreplay.core.replay import replay
 from fastreplay.exceptions import ConfigError
-from fastreplay.reference import unrolled_scores
-from fastreplay.replay import replay
+from fastreplay.interface.api import open_or_train
 
 TARGETS = [0, 2, 5]
 

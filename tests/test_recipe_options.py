@@ -7,21 +7,25 @@ measurement, and against its own definition otherwise.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 
 import numpy as np
 import pytest
+import tomllib
 import torch
-
 from conftest import SMALL
-from fastreplay.api import counterfactual, open_or_train
+from test_exactness import (
+    TARGETS,
+    assert_matches_finite_differences,
+    central_differences,
+    one_thread,
+)
+
 from fastreplay.config import ConfigError, RunConfig, config_from_dict, load_config, to_toml
-from fastreplay.measure import accuracy_logits
-from fastreplay.models import GlobalPool
-from fastreplay.recipe import Recipe, airbench_scale, lr_table
-from fastreplay.replay import replay
-from test_exactness import (TARGETS, assert_matches_finite_differences, central_differences,
-                            one_thread)
+from fastreplay.core.measure import accuracy_logits
+from fastreplay.core.models import GlobalPool
+from fastreplay.core.recipe import Recipe, airbench_scale, lr_table
+from fastreplay.core.replay import replay
+from fastreplay.interface.api import counterfactual, open_or_train
 
 # --- Fingerprints and validation ----------------------------------------------------------
 

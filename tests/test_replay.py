@@ -4,15 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import SMALL
-from fastreplay import kernels
-from fastreplay.api import open_or_train
+
 from fastreplay.config import load_config
-from fastreplay.recipe import Recipe
-from fastreplay.reference import unrolled_scores
-from fastreplay.replay import replay
-from fastreplay.train import train
+from fastreplay.core import kernels
+from fastreplay.core.recipe import Recipe
+from fastreplay.core.reference import unrolled_scores
+from fastreplay.core.replay import replay
+from fastreplay.core.train import train
+from fastreplay.interface.api import open_or_train
 
 
 def _cfg(*extra):
@@ -121,7 +121,7 @@ def test_replay_detects_a_tampered_checkpoint(tmp_path, slot, part, change, foun
 
 def _with_vmap_out_of_memory(monkeypatch):
     """Pretend to be on CUDA with a vmapped step that runs out of memory."""
-    from fastreplay import replay as replay_mod
+    from fastreplay.core import replay as replay_mod
     real = replay_mod._tangent_fn
 
     def tangent_fn(recipe, batched):
@@ -139,8 +139,8 @@ def test_auto_falls_back_to_one_measurement_per_pass_when_vmap_runs_out_of_memor
         tmp_path, monkeypatch):
     import logging
 
+    from fastreplay.core.replay import hvp_mode
     from fastreplay.progress import log
-    from fastreplay.replay import hvp_mode
     recipe, store = open_or_train(_cfg("replay.hvp=forward"), tmp_path)
     expected = replay(recipe, store, [1, 4], "loss").scores
     recipe.cfg.replay.hvp = "auto"

@@ -12,10 +12,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_robustness import (
+    assert_clean,
+    assert_same,
+    fastreplay,
+    kill_at_each_then_finish,
+    ok,
+    snapshot,
+)
 
 from fastreplay.config import load_config
-from fastreplay.models import FlatModel
-from test_robustness import assert_clean, assert_same, fastreplay, kill_at_each_then_finish, ok, snapshot
+from fastreplay.core.models import FlatModel
 
 # Float64 synthetic 8x8 images, tiny-cnn with BatchNorm (the test preset's model), 24 steps,
 # a checkpoint every 5 steps (5 slots; the last segment is shorter), 3 targets one at a time.

@@ -1,6 +1,6 @@
 """Crash safety, resumability, the run-directory lock and clear errors on bad input.
 
-The crash tests SIGKILL real `python -m fastreplay.cli magic|lds` processes, either at named
+The crash tests SIGKILL real `python -m fastreplay.interface.cli magic|lds` processes, either at named
 points (FASTREPLAY_CRASH_AT="point:count", see fastreplay/faults.py) or at a random moment, rerun
 the same command until it completes, and require the stored results to be bitwise equal
 (np.array_equal) to an uninterrupted run: scores, every checkpoint, the final state, LDS values.
@@ -45,12 +45,12 @@ KILLED = -signal.SIGKILL
 
 
 def fastreplay(*args, crash: str | None = None, timeout: float = 300, **popen):
-    """Run `python -m fastreplay.cli ARGS` (optionally with a crash point armed)."""
+    """Run `python -m fastreplay.interface.cli ARGS` (optionally with a crash point armed)."""
     env = {k: v for k, v in os.environ.items() if k != "FASTREPLAY_CRASH_AT"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if crash:
         env["FASTREPLAY_CRASH_AT"] = crash
-    cmd = [sys.executable, "-m", "fastreplay.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "fastreplay.interface.cli", *map(str, args)]
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=REPO, text=True, **popen)
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -334,7 +334,7 @@ def test_corrupted_checkpoint_and_final_state_are_refused(baseline, tmp_path):
 
 def _main(monkeypatch, capsys, *args) -> tuple[int, str]:
     """The CLI's main() in this process: (exit code, stderr)."""
-    from fastreplay.cli import main
+    from fastreplay.interface.cli import main
     monkeypatch.setattr(sys, "argv", ["fastreplay", *map(str, args)])
     capsys.readouterr()
     try:

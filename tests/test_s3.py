@@ -11,10 +11,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import SMALL, run_module, set_args
-from fastreplay.api import store_path
+
 from fastreplay.exceptions import StoreError
+from fastreplay.interface.api import store_path
 from fastreplay.store import RunStore
 
 pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[test]')")
@@ -113,7 +113,7 @@ def test_magic_on_s3_reads_back_identically(twin_runs, s3):
 
 def test_second_magic_reuses_the_s3_run_and_adds_targets(twin_runs, cli, monkeypatch):
     r = twin_runs
-    import fastreplay.api as api
+    import fastreplay.interface.api as api
     monkeypatch.setattr(api, "train_into_store", lambda *a, **k: pytest.fail("retrained"))
     out = cli.json(*MAGIC, "--targets", "0,1,2", "--run-dir", r["remote"], "--store", r["store"],
                    "--scores-out", r["root"] / "remote3.npy")
@@ -169,7 +169,7 @@ def test_unreachable_endpoint_and_missing_bucket_are_one_line_errors(s3, tmp_pat
 
 
 def test_missing_s3fs_and_bucket_only_urls_are_clear(s3, tmp_path, monkeypatch):
-    from fastreplay.api import open_trained
+    from fastreplay.interface.api import open_trained
     with pytest.raises(StoreError, match=r"names a bucket, not a location inside it; use e\.g\. "
                                          rf"s3://{BUCKET}/run\.zarr"):
         open_trained(tmp_path, store_url=f"s3://{BUCKET}")

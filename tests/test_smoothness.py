@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from fastreplay.api import open_trained
-from fastreplay.smoothness import check_smoothness, metasmoothness
-
 from conftest import run_module, set_args
+
+from fastreplay.interface.api import open_trained
+from fastreplay.workflows.smoothness import check_smoothness, metasmoothness
 
 # float64 tiny CNN on synthetic data, 10 epochs of 8 steps; only train.lr (and the activation)
 # changes between the smooth and the chaotic run.
@@ -74,7 +73,7 @@ def test_one_model_at_a_time_reuses_the_determinism_run_as_the_baseline(cli, tmp
     """Where models cannot be batched (channels_last on the GPU) the screen trains two probes,
     not three: its baseline is the determinism retraining. Same S and measured changes as the
     batched screen, to rounding."""
-    import fastreplay.smoothness as smoothness
+    import fastreplay.workflows.smoothness as smoothness
 
     cli.json("train", *RUN, "--set", "train.lr=0.1", "--run-dir", tmp_path)
     recipe, store = open_trained(tmp_path)

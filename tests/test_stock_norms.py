@@ -23,20 +23,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import SMALL
+from test_exactness import (
+    TARGETS,
+    TOL,
+    assert_matches_finite_differences,
+    central_differences,
+    one_thread,
+)
 from torch.func import functional_call
 
-from conftest import SMALL
-from fastreplay import kernels
-from fastreplay.api import counterfactual
 from fastreplay.config import load_config
+from fastreplay.core import kernels
+from fastreplay.core.models import BatchNorm, FlatModel, build_module, prepare_module
+from fastreplay.core.recipe import Recipe
+from fastreplay.core.replay import replay
+from fastreplay.core.train import train_into_store
 from fastreplay.exceptions import ConfigError, ReplayError
-from fastreplay.models import BatchNorm, FlatModel, build_module, prepare_module
-from fastreplay.recipe import Recipe
-from fastreplay.replay import replay
+from fastreplay.interface.api import counterfactual
 from fastreplay.store import RunStore, versions
-from fastreplay.train import train_into_store
-from test_exactness import (TARGETS, TOL, assert_matches_finite_differences,
-                            central_differences, one_thread)
 
 # SMALL (float64, 48 synthetic 8x8 images, 12 steps, momentum, decay, one-cycle, augmentation)
 # with plain momentum and a margin measurement.
@@ -417,9 +422,9 @@ def test_the_workflows_take_a_user_module_and_its_store_refuses_the_built_in(tmp
     """run_magic, open_trained and run_lds with a model factory: the user's module is trained,
     scored and retrained (LDS); reopening its store without the factory (the built-in tiny CNN
     of the same config) is refused by the model fingerprint, not silently scored."""
-    from fastreplay.api import open_trained, run_magic
     from fastreplay.exceptions import StoreError
-    from fastreplay.lds import run_lds
+    from fastreplay.interface.api import open_trained, run_magic
+    from fastreplay.workflows.lds import run_lds
 
     cfg = load_config("test", overrides=OVERRIDES)
     res = run_magic(cfg, [0, 1], tmp_path, plots=False, model_factory=bn_cnn)

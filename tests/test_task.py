@@ -10,18 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import SMALL, run_module, set_args
-from fastreplay import kernels
-from fastreplay.api import counterfactual
-from fastreplay.config import load_config
-from fastreplay.exceptions import ConfigError, DataError
-from fastreplay.recipe import Recipe
-from fastreplay.replay import replay
-from fastreplay.task import ArrayData, Task, load_task
-from test_exactness import (TARGETS, assert_matches_finite_differences, central_differences,
-                            one_thread)
+from test_exactness import (
+    TARGETS,
+    assert_matches_finite_differences,
+    central_differences,
+    one_thread,
+)
 from test_stock_norms import train_store
+
+from fastreplay.config import load_config
+from fastreplay.core import kernels
+from fastreplay.core.recipe import Recipe
+from fastreplay.core.replay import replay
+from fastreplay.exceptions import ConfigError, DataError
+from fastreplay.interface.api import counterfactual
+from fastreplay.task import ArrayData, Task, load_task
 
 TASK_FILE = Path(__file__).parent / "tasks" / "tabular_task.py"
 SPEC = f"{TASK_FILE}:make_task"

@@ -11,9 +11,9 @@ timeout 90 python -m fastreplay lds --run-dir runs/smoke --models 4 --keep 0.99 
 timeout 330 python - <<'PY' 2>>$OUT/acc.log | tee -a $R
 import json, time, torch
 from fastreplay.config import load_config
-from fastreplay.measure import accuracy
-from fastreplay.recipe import Recipe
-from fastreplay.train import train
+from fastreplay.core.measure import accuracy
+from fastreplay.core.recipe import Recipe
+from fastreplay.core.train import train
 variants = [[], ["train.label_smoothing=0.0"], ["model.activation=relu"], ["train.epochs=24"],
             ["model.pool=avg"], ["train.lr=0.8"]]
 for v in variants:

@@ -14,9 +14,9 @@ CHOICE="--set train.tf32=true --set train.channels_last=true --set replay.hvp=fo
 echo "chosen: $CHOICE" | tee -a $R
 RUN=runs/e16
 S="--preset full --set train.epochs=16 --set replay.target_batch=10 $CHOICE"
-timeout 240 python -m fastreplay.cli magic $S --targets 0:10 --run-dir $RUN --json --log-file $L | tee -a $R
+timeout 240 python -m fastreplay.interface.cli magic $S --targets 0:10 --run-dir $RUN --json --log-file $L | tee -a $R
 du -sh $RUN/run.zarr | tee -a $R
 cp $RUN/plots/target_00002.png $OUT/ 2>/dev/null
-timeout 90 python -m fastreplay.cli smoothness --run-dir $RUN --json --log-file $L | tee -a $R
-timeout 150 python -m fastreplay.cli lds --run-dir $RUN --models 20 --keep 0.99 --json --log-file $L | tee -a $R
+timeout 90 python -m fastreplay.interface.cli smoothness --run-dir $RUN --json --log-file $L | tee -a $R
+timeout 150 python -m fastreplay.interface.cli lds --run-dir $RUN --models 20 --keep 0.99 --json --log-file $L | tee -a $R
 cp $RUN/plots/lds_weight_keep0.99.png $OUT/ 2>/dev/null

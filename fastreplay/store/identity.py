@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..exceptions import StoreError
-from ..paths import local_path
+from .paths import local_path
 from .remote import check_remote, is_remote, remote_errors
 
 LAYOUT = ("schedule", "checkpoints", "final")  # subgroups of every allocated run store

@@ -7,6 +7,7 @@ import threading
 
 from .runstore import RunStore
 
+
 class Prefetcher:
     """Reads checkpoints ahead on a background thread, in the order given, so I/O overlaps compute.
 

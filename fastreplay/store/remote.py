@@ -7,7 +7,8 @@ import contextlib
 import os
 
 from ..exceptions import StoreError
-from ..paths import resolve_store_url
+from .paths import resolve_store_url
+
 
 def _is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")

@@ -21,13 +21,25 @@ import zarr
 
 from ..exceptions import StoreError
 from ..faults import crash_point
-from ..paths import local_path
-from .diskio import (SafeLocalStore, _discard_tree, _remove_stale_temp_dirs, disk_errors,
-                     remove_partial_files)
+from .diskio import (
+    SafeLocalStore,
+    _discard_tree,
+    _remove_stale_temp_dirs,
+    disk_errors,
+    remove_partial_files,
+)
 from .identity import DISCARDABLE, Kind, identify, refusal
 from .locks import RunDirLock
-from .remote import (_REMOTE_OPTIONS, _delete_remote, _is_local, _remote_fs, check_remote,
-                     is_remote, remote_errors)
+from .paths import local_path
+from .remote import (
+    _REMOTE_OPTIONS,
+    _delete_remote,
+    _is_local,
+    _remote_fs,
+    check_remote,
+    is_remote,
+    remote_errors,
+)
 from .writer import AsyncWriter, _snapshot
 
 STORE_NAME = "run.zarr"  # the store's name inside a run directory (without --store)

@@ -11,6 +11,7 @@ import torch
 
 from ..exceptions import StoreError
 
+
 class _Pending(tuple):
     """(device-side copy, CUDA event marking the copy done): made on the caller's thread."""
 

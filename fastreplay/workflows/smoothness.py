@@ -30,13 +30,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .arguments import check_smoothness_arguments
-from .config import score_name
+from ..config import score_name
+from ..core.measure import measure
+from ..core.multitrain import can_batch_models, train_many
+from ..core.recipe import Recipe, TrainState
+from ..core.train import load_final, run_steps, window_start
+from ..interface.arguments import check_smoothness_arguments
 from .lds import scores_of
-from .measure import measure
-from .multitrain import can_batch_models, train_many
-from .recipe import Recipe, TrainState
-from .train import load_final, run_steps, window_start
 
 PASS_THRESHOLD = 0.5
 DEFAULT_UNSCORED_TARGETS = 8

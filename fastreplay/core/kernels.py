@@ -1,7 +1,7 @@
 """Chooses the implementation of the elementwise optimizer step and adjoint.
 
 ``backend="fused"`` calls the compiled custom ops ``torch.ops.fastreplay.*`` (csrc/), and
-``backend="reference"`` the pure-PyTorch functions in :mod:`fastreplay.optim`. ``"auto"`` picks
+``backend="reference"`` the pure-PyTorch functions in :mod:`fastreplay.core.optim`. ``"auto"`` picks
 fused when the extension loaded and has a kernel for the tensor's device.
 """
 from __future__ import annotations
@@ -10,12 +10,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .exceptions import KernelError
+from ..exceptions import KernelError
 from .optim import sgd_adjoint_reference, sgd_step_reference
 
 _LOAD_ERROR: Optional[str] = None
 try:  # the compiled extension registers torch.ops.fastreplay.* on import
-    from . import _C  # type: ignore[attr-defined]  # noqa: F401
+    from .. import _C  # type: ignore[attr-defined]  # noqa: F401
 except Exception as exc:  # pragma: no cover - depends on the build
     _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 

@@ -14,10 +14,10 @@ import weakref
 import torch
 from torch.func import grad, vmap
 
-from .faults import crash_point
+from ..faults import crash_point
+from ..progress import log
 from .func_limits import first_line, vmap_unsupported
 from .kernels import sgd_step_
-from .progress import log
 from .recipe import Recipe, TrainState
 from .train import _NanWatch, run_steps
 

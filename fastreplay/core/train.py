@@ -8,10 +8,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .exceptions import StoreError, TrainingError
-from .faults import crash_point
+from ..exceptions import StoreError, TrainingError
+from ..faults import crash_point
+from ..progress import log, progress_bar
 from .measure import accuracy
-from .progress import log, progress_bar
 from .recipe import Recipe, TrainState
 
 

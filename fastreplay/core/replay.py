@@ -25,14 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .exceptions import ReplayError
-from .func_limits import (first_line, forward_ad_unsupported, names_forward_ad,
-                          vmap_unsupported)
+from ..exceptions import ReplayError
+from ..progress import log, progress_bar
+from ..store import Prefetcher
+from .func_limits import first_line, forward_ad_unsupported, names_forward_ad, vmap_unsupported
 from .kernels import sgd_adjoint_
 from .measure import measurement_grads
-from .progress import log, progress_bar
 from .recipe import Recipe, TrainState
-from .store import Prefetcher
 from .train import run_steps
 
 

@@ -21,8 +21,8 @@ import os
 import re
 from pathlib import Path
 
-from .store import LOCK_NAME, STORE_NAME
-from .store.diskio import _remove_stale_temp_dirs
+from . import LOCK_NAME, STORE_NAME
+from .diskio import _remove_stale_temp_dirs
 
 TEXT_FILES = ("config.toml", "magic_summary.json")
 PLOTS = "plots"

@@ -2,7 +2,7 @@
 
 Obviously correct and memory-hungry: training is written out-of-place in plain PyTorch with the
 graph kept from the data weights w to the final measurement, then autograd does the rest. Use it
-on small models (tests); the replay in :mod:`fastreplay.replay` must agree with it.
+on small models (tests); the replay in :mod:`fastreplay.core.replay` must agree with it.
 """
 from __future__ import annotations
 

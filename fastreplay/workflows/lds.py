@@ -21,15 +21,15 @@ import torch
 from scipy.stats import rankdata
 from scipy.stats import t as student_t
 
-from .arguments import check_lds_arguments
-from .distributed import barrier, gather_all, is_main, shard, world_size
-from .config import score_name
-from .exceptions import ConfigError, StoreError, TrainingError
-from .measure import measure
-from .multitrain import choose_models_per_batch, train_many
-from .progress import log, progress_bar
-from .recipe import Recipe, TrainState
-from .train import run_steps, window_start
+from ..config import score_name
+from ..core.measure import measure
+from ..core.multitrain import choose_models_per_batch, train_many
+from ..core.recipe import Recipe, TrainState
+from ..core.train import run_steps, window_start
+from ..distributed import barrier, gather_all, is_main, shard, world_size
+from ..exceptions import ConfigError, StoreError, TrainingError
+from ..interface.arguments import check_lds_arguments
+from ..progress import log, progress_bar
 
 CI_METHOD = "jackknife over models (bias-corrected, t interval)"
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .exceptions import ConfigError
+from ..exceptions import ConfigError
+from ..task import per_example
 from .recipe import Recipe
-from .task import per_example
 
 
 def parse_targets(spec: str, num_test: int) -> list[int]:

@@ -14,24 +14,38 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..config import RunConfig, score_name, to_toml
+from ..core.measure import measure
+from ..core.recipe import ModelFactory, Recipe
+from ..core.replay import replay
+from ..core.train import load_final, train, train_into_store
+from ..data import ImageData
+from ..distributed import barrier, gather_all, gather_to_main, is_main, shard, world_size
+from ..exceptions import ConfigError, StoreError
+from ..faults import crash_point
+from ..progress import log
+from ..store import (
+    DISCARDABLE,
+    LOCK_NAME,
+    STORE_NAME,
+    Kind,
+    RunDirLock,
+    RunStore,
+    check_remote,
+    check_writable,
+    discard_store,
+    disk_errors,
+    identify,
+    is_remote,
+    refusal,
+    versions,
+)
+from ..store.inputs import ATTR as INPUTS_ATTR
+from ..store.inputs import check_inputs, inputs_fingerprint
+from ..store.paths import require_path_text, resolve_store_url
+from ..store.rundir import remove_run_files, remove_text_temps, text_temp
+from ..task import Task
 from .arguments import check_lds_arguments, check_weights
-from .config import RunConfig, score_name, to_toml
-from .data import ImageData
-from .distributed import barrier, gather_all, gather_to_main, is_main, shard, world_size
-from .exceptions import ConfigError, StoreError
-from .faults import crash_point
-from .inputs import ATTR as INPUTS_ATTR, check_inputs, inputs_fingerprint
-from .measure import measure
-from .progress import log
-from .recipe import ModelFactory, Recipe
-from .replay import replay
-from .task import Task
-from .paths import require_path_text, resolve_store_url
-from .rundir import remove_run_files, remove_text_temps, text_temp
-from .store import (DISCARDABLE, LOCK_NAME, STORE_NAME, Kind, RunDirLock, RunStore,
-                    check_remote, check_writable, discard_store, disk_errors, identify, is_remote,
-                    refusal, versions)
-from .train import load_final, train, train_into_store
 
 
 @dataclass
@@ -136,7 +150,7 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
     ``task``: the user's own model, data, loss and measurements (fastreplay.task.Task) instead
     of the preset's; ``model_factory`` and ``data`` are shorthands for a task with only those
     (see Recipe). A store trained with another model, other data or other task code is refused
-    (fastreplay.inputs).
+    (fastreplay.store.inputs).
 
     The store lives at ``store_url`` (see store_location; default RUN_DIR/run.zarr). Takes the
     run directory's lock (another fastreplay process on it is refused) and keeps it in
@@ -347,7 +361,7 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
 
     Takes the run directory's lock (kept in ``store.lock`` until ``store.close()``).
     """
-    from .config import config_from_dict
+    from ..config import config_from_dict
     path = store_location(run_dir, store_url)
     if not RunStore.exists(path):
         RunStore.open(path).close()  # raises the "no run store" StoreError
@@ -357,7 +371,7 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
         store = _open_locked(path, lock)
         cfg = config_from_dict(store.config)
         if join_torchrun:  # under torchrun this rank works on cuda:LOCAL_RANK (or the CPU)
-            from .distributed import init_from_env
+            from ..distributed import init_from_env
             cfg.device = init_from_env(cfg.device)
         recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory, task=task)
         check_inputs(recipe, store)
@@ -371,8 +385,8 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
 def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], removal: str,
                     mask_seed: int = 0, plots: bool = True, models_per_batch: int = 0,
                     store_url: str | None = None, task: Optional[Task] = None):
-    from .lds import run_lds
-    from .measure import parse_targets
+    from ..core.measure import parse_targets
+    from ..workflows.lds import run_lds
     from .plots import lds_figure
     # Bad options fail before the lock is taken and the data loaded (run_lds checks them again,
     # keep against the training set size too).

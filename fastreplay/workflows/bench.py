@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from . import kernels
-from .optim import group_slices
+from ..core import kernels
+from ..core.optim import group_slices
 
 
 def _time(fn: Callable[[], None], device: torch.device, reps: int = 20, warm: int = 3) -> float:
@@ -114,7 +114,7 @@ def _eager_nn_step(cfg, device: torch.device):
     denominator, so that a slow training step of ours cannot flatter any ratio."""
     import torch.nn.functional as F
 
-    from .models import build_module
+    from ..core.models import build_module
 
     torch.manual_seed(cfg.seed)
     dtype = getattr(torch, cfg.train.dtype)
@@ -163,11 +163,11 @@ def bench_replay(cfg, targets: int = 4, steps: int = 5) -> dict:
     import dataclasses
     import tempfile
 
-    from .kernels import sgd_adjoint_
-    from .recipe import Recipe
-    from .replay import hvp_mode, replay, step_vjp
-    from .store import RunStore, versions
-    from .train import train, train_into_store
+    from ..core.kernels import sgd_adjoint_
+    from ..core.recipe import Recipe
+    from ..core.replay import hvp_mode, replay, step_vjp
+    from ..core.train import train, train_into_store
+    from ..store import RunStore, versions
 
     recipe = Recipe(cfg)
     dev = recipe.device

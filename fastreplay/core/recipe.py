@@ -10,12 +10,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .config import RunConfig
-from .data import ImageData, batch_schedule, device_data
-from .exceptions import ConfigError
+from ..config import RunConfig
+from ..data import ImageData, batch_schedule, device_data
+from ..exceptions import ConfigError
+from ..task import Task, builtin_measurement, builtin_task, check_task, cross_entropy, per_example
 from .kernels import resolve_backend, sgd_step_
 from .models import FlatModel
-from .task import Task, builtin_measurement, builtin_task, check_task, cross_entropy, per_example
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

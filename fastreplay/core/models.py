@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .config import RunConfig
-from .exceptions import ConfigError, ReplayError
+from ..config import RunConfig
+from ..exceptions import ConfigError, ReplayError
 
 BN_EPS = 1e-5
 
@@ -277,7 +277,7 @@ def _refusal(name: str, layer: nn.Module) -> str | None:
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
         if type(layer).forward not in _STOCK_BN_FORWARDS:
             return (f"{where} overrides BatchNorm's forward, which fastreplay cannot replay; "
-                    "use the stock forward or fastreplay.models.BatchNorm")
+                    "use the stock forward or fastreplay.core.models.BatchNorm")
         if not layer.track_running_stats:
             return (f"{where} has track_running_stats=False, so its eval-mode output depends on "
                     "the other examples in the batch (measurements are per example); set "

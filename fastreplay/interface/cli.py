@@ -1,4 +1,4 @@
-"""The `fastreplay` command line (Typer). Each command is a thin shell over fastreplay.api."""
+"""The `fastreplay` command line (Typer). Each command is a thin shell over fastreplay.interface.api."""
 from __future__ import annotations
 
 import functools
@@ -13,10 +13,10 @@ import numpy as np
 import typer
 from rich.markup import escape
 
-from .config import PRESETS, load_config, to_toml
-from .exceptions import ConfigError, FastReplayError
-from .paths import require_path_text, resolve_store_url
-from .progress import LEVELS, log, setup_logging
+from ..config import PRESETS, load_config, to_toml
+from ..exceptions import ConfigError, FastReplayError
+from ..progress import LEVELS, log, setup_logging
+from ..store.paths import require_path_text, resolve_store_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Exact data attribution: MAGIC scores by replaying training backwards.")
@@ -123,10 +123,9 @@ def magic(
 ):
     """Train (or reuse the stored run), replay it backwards, store and plot exact scores."""
     setup_logging(log_level, log_file)
+    from ..core.measure import parse_targets
+    from ..distributed import init_from_env
     from .api import run_magic, summary
-    from .measure import parse_targets
-
-    from .distributed import init_from_env
 
     cfg = _config(preset, config, set_)
     if scores_out is not None and scores_out.is_dir():
@@ -153,12 +152,12 @@ def _load_task(spec: Optional[str]):
     """--task FILE.py:FUNCTION -> the user's Task (None without --task)."""
     if spec is None:
         return None
-    from .task import load_task
+    from ..task import load_task
     return load_task(spec)
 
 
 def _num_test(cfg, download: bool) -> int:
-    from .data import load_data
+    from ..data import load_data
     if cfg.data.num_test:
         return cfg.data.num_test
     return len(load_data(cfg, download).test_y)
@@ -177,9 +176,9 @@ def train_cmd(
 ):
     """Retrain with per-example data weights and print the measurements (the counterfactual oracle); with --run-dir, train and store the run instead."""
     setup_logging(log_level, log_file)
+    from ..core.measure import parse_targets
+    from ..core.recipe import Recipe
     from .api import counterfactual
-    from .measure import parse_targets
-    from .recipe import Recipe
 
     cfg = _config(preset, config, set_)
     if run_dir is None:
@@ -287,8 +286,8 @@ def _check_bench_device(device: str) -> None:
     """bench --device: a name torch knows, of a device this machine has."""
     import torch
 
-    from .config import DEVICE_NAME
-    from .recipe import resolve_device
+    from ..config import DEVICE_NAME
+    from ..core.recipe import resolve_device
 
     if device == "auto" or not DEVICE_NAME.fullmatch(device):
         raise ConfigError(f"--device {device!r}: use cpu, cuda or cuda:N")
@@ -312,7 +311,7 @@ def bench(
         raise ConfigError(f"unknown benchmark {what!r}; available: kernels, replay")
     ks = _bench_counts(targets)
     _check_bench_device(device)
-    from .bench import bench_kernels, bench_replay
+    from ..workflows.bench import bench_kernels, bench_replay
 
     if what == "kernels":
         out = bench_kernels(device, targets=ks)
@@ -339,10 +338,10 @@ def smoothness(
 ):
     """Cheap predictability check of a recipe in four trainings of the attribution window: determinism (one), metasmoothness and linearity along one LDS-like direction (three); needs scores only for the linearity score."""
     setup_logging(log_level, log_file)
+    from ..core.measure import parse_targets
+    from ..workflows.smoothness import PASS_THRESHOLD, check_smoothness
     from .api import open_trained
     from .arguments import check_smoothness_arguments
-    from .measure import parse_targets
-    from .smoothness import PASS_THRESHOLD, check_smoothness
 
     check_smoothness_arguments(keep, seed)  # before the lock is taken and the data loaded
     recipe, run_store = open_trained(run_dir, store_url=store, task=_load_task(task))
@@ -392,7 +391,8 @@ def info(json_: Json = False):
     """Versions, the device, and whether the compiled kernels are loaded."""
     import torch
 
-    from . import __version__, kernels
+    from .. import __version__
+    from ..core import kernels
 
     out = {"fastreplay": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "cuda_available": torch.cuda.is_available(),
@@ -473,7 +473,7 @@ def _settle_store_writes() -> None:
     """Writes zarr still has in flight (a command that failed or was interrupted mid-write) are
     settled before exiting, so they do not end as asyncio noise on stderr (store/pending.py)."""
     if "zarr.core.sync" in sys.modules:
-        from .store.pending import settle_pending_writes
+        from ..store.pending import settle_pending_writes
         settle_pending_writes()
 
 

@@ -8,8 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from .config import SEED_MAX
-from .exceptions import ConfigError
+from ..config import SEED_MAX
+from ..exceptions import ConfigError
 
 MAX_LDS_MODELS = 100_000
 """At most this many LDS subset models: each is one full retraining (100 is the usual M) and its

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from .exceptions import ConfigError, StoreError
+from ..exceptions import ConfigError, StoreError
 
 
 def require_path_text(value, name: str) -> str:

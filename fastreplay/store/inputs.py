@@ -14,7 +14,7 @@ import hashlib
 
 import torch
 
-from .exceptions import StoreError
+from ..exceptions import StoreError
 
 ATTR = "inputs"
 
@@ -47,7 +47,7 @@ def data_fingerprint(data) -> str:
 
 
 def inputs_fingerprint(recipe) -> dict[str, str]:
-    from .task import code_fingerprint
+    from ..task import code_fingerprint
     return {"model": model_fingerprint(recipe.model), "data": data_fingerprint(recipe.data),
             "task": code_fingerprint(recipe.task)}
 
