@@ -357,8 +357,8 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"{MAX_WIDTH:g}")
     need(0 < cfg.model.bn_momentum <= 1, "model.bn_momentum must be in (0, 1]")
     t = cfg.train
-    if cfg.data.num_train:
-        need(t.batch_size <= cfg.data.num_train, "train.batch_size exceeds data.num_train")
+    # train.batch_size against the number of examples: checked by the Recipe against the data
+    # it actually has (a task's own data ignores data.num_train).
     need(t.lr > 0, "train.lr must be > 0")
     need(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
     need(t.weight_decay >= 0, "train.weight_decay must be >= 0")

@@ -145,3 +145,14 @@ def test_mirroring_non_images_is_refused():
     cfg = load_config("test", overrides=OVERRIDES + ["measure.tta=flip"])
     with pytest.raises(ConfigError, match="measure.tta=flip mirrors images"):
         Recipe(cfg, task=load_task(SPEC))
+
+
+def test_the_data_keys_of_the_config_do_not_limit_a_tasks_own_data():
+    """data.num_train belongs to the built-in data sets: a batch larger than it is fine for a
+    task's own data (found on the GPU: the test preset's 256 refused batch 500 of CIFAR-10);
+    the batch is checked against the examples the task has."""
+    cfg = load_config("test", overrides=OVERRIDES + ["data.num_train=8"])
+    assert Recipe(cfg, task=load_task(SPEC)).num_train == 48
+    big = load_config("test", overrides=OVERRIDES + ["train.batch_size=64"])
+    with pytest.raises(ConfigError, match="train.batch_size=64 exceeds the 48 training examples"):
+        Recipe(big, task=load_task(SPEC))
