@@ -182,7 +182,20 @@ def augmentation_draws(seed: int, step: int, batch_size: int, padding: int):
     return offsets[0], offsets[1], flips
 
 
-class DeviceData:
+class _SplitsOnDevice:
+    """What training, replay and measurement read of any data on the device: ``train_x``,
+    ``train_y``, ``test_x``, ``test_y`` (set by the subclass) and their sizes."""
+
+    @property
+    def num_train(self) -> int:
+        return self.train_x.shape[0]
+
+    @property
+    def num_test(self) -> int:
+        return self.test_x.shape[0]
+
+
+class DeviceData(_SplitsOnDevice):
     """The data set as uint8 on the device, plus the normalisation and augmentation (the
     built-in crop and flip, or a task's own ``augment`` applied after normalising)."""
 
@@ -202,14 +215,6 @@ class DeviceData:
         self.std = torch.tensor(pixels.std(1) + 1e-8, dtype=dtype, device=device).view(1, 3, 1, 1)
         s = data.train_x.shape[-1]
         self._ar = torch.arange(s, device=device)
-
-    @property
-    def num_train(self) -> int:
-        return self.train_x.shape[0]
-
-    @property
-    def num_test(self) -> int:
-        return self.test_x.shape[0]
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
         return (x_uint8.to(self.dtype) / 255.0 - self.mean) / self.std
@@ -250,7 +255,7 @@ def _as_tensor(a, what: str) -> torch.Tensor:
     return t.detach().cpu()
 
 
-class ArrayDeviceData:
+class ArrayDeviceData(_SplitsOnDevice):
     """A task's ArrayData on the device: inputs as given (floating ones in the run's dtype),
     optionally augmented by the task's own pure function of (batch, seed, step)."""
 
@@ -277,14 +282,6 @@ class ArrayDeviceData:
             raise DataError(f"ArrayData train inputs are {tuple(self.train_x.shape[1:])} per "
                             f"example but test inputs {tuple(self.test_x.shape[1:])}; they must "
                             "match")
-
-    @property
-    def num_train(self) -> int:
-        return self.train_x.shape[0]
-
-    @property
-    def num_test(self) -> int:
-        return self.test_x.shape[0]
 
     def train_batch(self, indices: torch.Tensor, step: int) -> torch.Tensor:
         x = self.train_x[indices]
