@@ -13,6 +13,7 @@
 #       (torchrun over the visible GPUs), the smoothness screen, then an LDS of MODELS models;
 #       TARGETS=none: `train --run-dir` + `smoothness` only (no replay, no LDS). Each step has
 #       its own limit (T_MAGIC, T_SMOOTH, T_LDS seconds), so a call returns what finished.
+#       TASK=FILE.py:FUNCTION attributes a user task (examples/): passed as --task to each step.
 #       Results: $OUT/NAME.txt (JSON lines); log: ${LOGS:-$OUT}/NAME.log.
 #   ROWFILE=rows.txt [T_ROW=240 BASE="..."] bash benchmarks/gpu.sh screen
 #       replay-free screens of many recipes: each ROWFILE line "NAME --set KEY=VALUE ..."
@@ -37,32 +38,35 @@ bench() {
 row() {
   : "${NAME:?}" "${RECIPE:?}" "${TARGETS:=0:4}" "${MODELS:=16}" "${KEEP:=0.99}"
   : "${T_MAGIC:=300}" "${T_SMOOTH:=120}" "${T_LDS:=200}"
-  local nproc r l run t0
+  local nproc r l run t0 task=()
   nproc=${NPROC:-$(nvidia-smi --list-gpus | wc -l)}
+  [ -n "${TASK:-}" ] && task=(--task "$TASK")
   r=$OUT/$NAME.txt; l=${LOGS:-$OUT}/$NAME.log; run=runs/$NAME
   echo "recipe $NAME: $RECIPE targets $TARGETS models $MODELS keep $KEEP" | tee -a "$r"
   nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee -a "$r"
   t0=$(date +%s)
   if [ "$TARGETS" = none ]; then
     # shellcheck disable=SC2086
-    timeout "$T_MAGIC" python -m fastreplay train $RECIPE --run-dir "$run" --json \
+    timeout "$T_MAGIC" python -m fastreplay train $RECIPE "${task[@]}" --run-dir "$run" --json \
       --log-file "$l" 2>>"$l" | tee -a "$r"
     echo "{\"step\": \"train\", \"wall_s\": $(( $(date +%s) - t0 ))}" | tee -a "$r"
     timeout "$T_SMOOTH" python -m fastreplay smoothness --run-dir "$run" --keep "$KEEP" --json \
-      --log-file "$l" 2>>"$l" | tee -a "$r"
+      "${task[@]}" --log-file "$l" 2>>"$l" | tee -a "$r"
     return 0
   fi
   # shellcheck disable=SC2086
   timeout "$T_MAGIC" torchrun --standalone --nproc-per-node "$nproc" -m fastreplay magic $RECIPE \
-    --targets "$TARGETS" --run-dir "$run" --json --no-plots --log-file "$l" 2>>"$l" | tee -a "$r"
+    "${task[@]}" --targets "$TARGETS" --run-dir "$run" --json --no-plots --log-file "$l" 2>>"$l" \
+    | tee -a "$r"
   echo "{\"step\": \"magic\", \"wall_s\": $(( $(date +%s) - t0 ))}" | tee -a "$r"
   t0=$(date +%s)
   timeout "$T_SMOOTH" python -m fastreplay smoothness --run-dir "$run" --keep "$KEEP" --json \
-    --log-file "$l" 2>>"$l" | tee -a "$r"
+    "${task[@]}" --log-file "$l" 2>>"$l" | tee -a "$r"
   echo "{\"step\": \"smoothness\", \"wall_s\": $(( $(date +%s) - t0 ))}" | tee -a "$r"
   t0=$(date +%s)
   timeout "$T_LDS" torchrun --standalone --nproc-per-node "$nproc" -m fastreplay lds \
-    --run-dir "$run" --models "$MODELS" --keep "$KEEP" --json --log-file "$l" 2>>"$l" | tee -a "$r"
+    --run-dir "$run" --models "$MODELS" --keep "$KEEP" --json "${task[@]}" --no-plots \
+    --log-file "$l" 2>>"$l" | tee -a "$r"
   echo "{\"step\": \"lds\", \"wall_s\": $(( $(date +%s) - t0 ))}" | tee -a "$r"
   grep -h "test accuracy\|training\|replay" "$l" | tail -8 | tee -a "$r"
 }

@@ -5,7 +5,8 @@
 
 static struct PyModuleDef fastreplay_c_module = {
     PyModuleDef_HEAD_INIT, "fastreplay._C",
-    "Registers the custom ops torch.ops.fastreplay.* (sgd_step_, sgd_adjoint_, built_with_cuda).",
+    "Registers the custom ops torch.ops.fastreplay.* (sgd_step_, sgd_adjoint_, adam_step_, "
+    "adam_adjoint_, built_with_cuda).",
     -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastreplay_c_module); }

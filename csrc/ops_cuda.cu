@@ -1,5 +1,6 @@
-// CUDA kernels of torch.ops.fastreplay.sgd_step_ / sgd_adjoint_: one grid-stride pass over memory,
-// 16-byte vector loads/stores when every pointer is 16-byte aligned. Math: sgd_math.h.
+// CUDA kernels of torch.ops.fastreplay.sgd_step_ / sgd_adjoint_ (one grid-stride pass over
+// memory, 16-byte vector loads/stores when every pointer is 16-byte aligned) and adam_step_ /
+// adam_adjoint_. Math: sgd_math.h, adam_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,6 +16,7 @@
 #include <limits>
 #include <optional>
 
+#include "adam_math.h"
 #include "sgd_math.h"
 
 namespace fastreplay {
@@ -27,6 +29,15 @@ void check_adjoint_args(const at::Tensor& theta_bar, const at::Tensor& m_bar,
                         const at::Tensor& g_bar, const std::optional<at::Tensor>& hvp,
                         c10::IntArrayRef group_ends, c10::ArrayRef<double> lrs,
                         c10::ArrayRef<double> wds);
+
+void check_adam_step_args(const at::Tensor& theta, const at::Tensor& state, const at::Tensor& grad,
+                          c10::IntArrayRef group_ends, c10::ArrayRef<double> lrs,
+                          c10::ArrayRef<double> wds);
+void check_adam_adjoint_args(const at::Tensor& theta_bar, const at::Tensor& state_bar,
+                             const at::Tensor& g_bar, const std::optional<at::Tensor>& hvp,
+                             const at::Tensor& grad, const at::Tensor& theta,
+                             const at::Tensor& state, c10::IntArrayRef group_ends,
+                             c10::ArrayRef<double> lrs, c10::ArrayRef<double> wds);
 
 namespace {
 
@@ -196,10 +207,114 @@ void sgd_adjoint_cuda(const at::Tensor& theta_bar, const at::Tensor& m_bar, cons
   });
 }
 
+// Adam: one element per thread and iteration (the (..., 2P) state is addressed per row, which
+// 16-byte packs would have to split at row ends); still one coalesced pass over memory.
+template <typename T>
+struct AdamStepOp {
+  T* theta;
+  T* state;
+  const T* grad;
+  GroupTable<T> tab;
+  AdamScalars<T> sc;
+
+  template <int N, typename index_t>
+  __device__ __forceinline__ void apply(index_t i, index_t col, index_t P) const {
+    static_assert(N == 1, "Adam ops run one element at a time");
+    const int g = find_group(tab, static_cast<int64_t>(col));
+    const index_t mi = (i / P) * 2 * P + col;
+    T t = theta[i], m = state[mi], v = state[mi + P];
+    adam_step_elem<T>(t, m, v, grad[i], pick(tab.lr, g), pick(tab.wd, g), sc);
+    theta[i] = t;
+    state[mi] = m;
+    state[mi + P] = v;
+  }
+};
+
+template <typename T>
+struct AdamAdjointOp {
+  T* tb;
+  T* sb;
+  T* gb;
+  const T* hvp;  // nullptr when not given
+  const T* grad;
+  const T* theta;
+  const T* state;
+  GroupTable<T> tab;
+  AdamScalars<T> sc;
+
+  template <int N, typename index_t>
+  __device__ __forceinline__ void apply(index_t i, index_t col, index_t P) const {
+    static_assert(N == 1, "Adam ops run one element at a time");
+    const int g = find_group(tab, static_cast<int64_t>(col));
+    const index_t mi = (i / P) * 2 * P + col;
+    T t = hvp != nullptr ? tb[i] + hvp[i] : tb[i], mb = sb[mi], vb = sb[mi + P], gbar;
+    adam_adjoint_elem<T>(t, mb, vb, gbar, grad[col], theta[col], state[col], state[col + P],
+                         pick(tab.lr, g), pick(tab.wd, g), sc);
+    tb[i] = t;
+    sb[mi] = mb;
+    sb[mi + P] = vb;
+    gb[i] = gbar;
+  }
+};
+
+template <typename Op>
+void launch_scalar(const Op& op, int64_t numel, int64_t P) {
+  // the state index reaches 2 numel: a 32-bit index only while that fits
+  if (2 * numel <= std::numeric_limits<int32_t>::max()) launch_kernel<1, uint32_t>(op, numel, P);
+  else launch_kernel<1, int64_t>(op, numel, P);
+}
+
+void adam_step_cuda(const at::Tensor& theta, const at::Tensor& state, const at::Tensor& grad,
+                    c10::IntArrayRef group_ends, c10::ArrayRef<double> lrs,
+                    c10::ArrayRef<double> wds, double b1, double b2, double eps, double eps_root,
+                    double c1, double c2, bool decoupled) {
+  check_adam_step_args(theta, state, grad, group_ends, lrs, wds);
+  const int64_t numel = theta.numel(), P = group_ends.back();
+  if (numel == 0) return;
+  const c10::cuda::CUDAGuard guard(theta.device());
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "adam_step_cuda", [&] {
+    using T = scalar_t;
+    const AdamStepOp<T> op{theta.mutable_data_ptr<T>(), state.mutable_data_ptr<T>(),
+                           grad.const_data_ptr<T>(),
+                           make_group_table<T>(group_ends.data(), lrs.data(), wds.data(),
+                                               static_cast<int>(group_ends.size())),
+                           make_adam_scalars<T>(b1, b2, eps, eps_root, c1, c2, decoupled)};
+    launch_scalar(op, numel, P);
+  });
+}
+
+void adam_adjoint_cuda(const at::Tensor& theta_bar, const at::Tensor& state_bar,
+                       const at::Tensor& g_bar, const std::optional<at::Tensor>& hvp,
+                       const at::Tensor& grad, const at::Tensor& theta, const at::Tensor& state,
+                       c10::IntArrayRef group_ends, c10::ArrayRef<double> lrs,
+                       c10::ArrayRef<double> wds, double b1, double b2, double eps,
+                       double eps_root, double c1, double c2, bool decoupled) {
+  check_adam_adjoint_args(theta_bar, state_bar, g_bar, hvp, grad, theta, state, group_ends, lrs,
+                          wds);
+  const int64_t numel = theta_bar.numel(), P = group_ends.back();
+  if (numel == 0) return;
+  const c10::cuda::CUDAGuard guard(theta_bar.device());
+  AT_DISPATCH_FLOATING_TYPES(theta_bar.scalar_type(), "adam_adjoint_cuda", [&] {
+    using T = scalar_t;
+    const bool has_hvp = hvp.has_value() && hvp->defined();
+    const AdamAdjointOp<T> op{theta_bar.mutable_data_ptr<T>(), state_bar.mutable_data_ptr<T>(),
+                              g_bar.mutable_data_ptr<T>(),
+                              has_hvp ? hvp->const_data_ptr<T>() : nullptr,
+                              grad.const_data_ptr<T>(), theta.const_data_ptr<T>(),
+                              state.const_data_ptr<T>(),
+                              make_group_table<T>(group_ends.data(), lrs.data(), wds.data(),
+                                                  static_cast<int>(group_ends.size())),
+                              make_adam_scalars<T>(b1, b2, eps, eps_root, c1, c2, decoupled)};
+    launch_scalar(op, numel, P);
+  });
+}
+
 }  // namespace
 }  // namespace fastreplay
 
 TORCH_LIBRARY_IMPL(fastreplay, CUDA, m) {
   m.impl("sgd_step_", &fastreplay::sgd_step_cuda);
   m.impl("sgd_adjoint_", &fastreplay::sgd_adjoint_cuda);
+  m.impl("adam_step_", &fastreplay::adam_step_cuda);
+  m.impl("adam_adjoint_", &fastreplay::adam_adjoint_cuda);
 }

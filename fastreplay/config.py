@@ -1,6 +1,7 @@
 """Typed, validated run configuration: presets, TOML files and dotted ``--set`` overrides.
 
-Precedence: preset < config file < overrides. The resolved config is saved in every run store,
+Precedence: preset < config file < overrides. Configs are immutable (frozen dataclasses): a
+resolved option is a new config (``with_values``), never an edit of one somebody else holds. The resolved config is saved in every run store,
 and the part that determines the training trajectory is hashed into a fingerprint, so a store is
 never reused for a different run.
 """
@@ -21,7 +22,7 @@ import tomllib
 from .exceptions import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     name: str = "synthetic"
     """Data set: "cifar10" (standard cifar-10-batches-py directory) or "synthetic"."""
@@ -39,7 +40,7 @@ class DataConfig:
     crop_padding: int = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny-cnn"
     """resnet9 | tiny-cnn | mlp."""
@@ -66,16 +67,31 @@ class ModelConfig:
     """Hidden units of the mlp."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 2
     batch_size: int = 32
+    optimizer: str = "sgd"
+    """sgd (momentum, optionally Nesterov), adam (weight decay added to the gradient, as
+    torch.optim.Adam) or adamw (decoupled weight decay, as torch.optim.AdamW); each with its
+    exact adjoint (docs/design.md §3)."""
     lr: float = 0.1
     """Peak learning rate (base lr of the schedule)."""
     momentum: float = 0.9
+    """SGD's momentum (adam/adamw use beta1)."""
     nesterov: bool = True
     weight_decay: float = 5e-4
     """Applied to conv/linear weights only (never BatchNorm parameters or biases)."""
+    beta1: float = 0.9
+    """adam/adamw: decay of the first moment."""
+    beta2: float = 0.999
+    """adam/adamw: decay of the second moment."""
+    eps: float = 1e-8
+    """adam/adamw: added to the root of the second moment, as in torch."""
+    eps_root: float = 0.0
+    """adam/adamw: added inside the root, sqrt(v_hat + eps_root) (optax's eps_root). A
+    positive value keeps the adjoint finite where a second moment is 0 and makes the run
+    smoother to attribute (1e-8 to 1e-6 are typical)."""
     schedule: str = "onecycle"
     """constant | onecycle (linear warm-up to the peak, then linear decay)."""
     peak_at: float = 0.25
@@ -88,7 +104,7 @@ class TrainConfig:
     """What lr and weight_decay mean. mean: the step's own eta and lambda (mean loss over the
     batch, docs/design.md §2). airbench: airbench94's decoupled hyperparameters (lr per 1024
     examples, weight_decay per 1024 examples decoupled from the lr, summed loss), converted
-    once into the mean-loss step by recipe.lr_table and recipe.weight_decays (docs/design.md
+    once into the mean-loss step by core/lr.py (lr_table, weight_decays; docs/design.md
     §2, "The airbench convention")."""
     label_smoothing: float = 0.0
     dtype: str = "float64"
@@ -105,7 +121,7 @@ class TrainConfig:
     derivatives of that network's run."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeasureConfig:
     kind: str = "loss"
     """loss (cross-entropy of the target in eval mode) or margin (correct logit minus logsumexp of the others)."""
@@ -115,7 +131,7 @@ class MeasureConfig:
     it: they stay the plain eval-mode outputs the scores differentiate."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReplayConfig:
     checkpoint_every: int = 8
     """Steps between stored checkpoints; replay recomputes the steps in between."""
@@ -150,7 +166,7 @@ class ReplayConfig:
     on the fp32 full preset, 2e-14 in float64)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
     device: str = "auto"
@@ -181,7 +197,8 @@ class RunConfig:
 SECTIONS = ("data", "model", "train", "measure", "replay")
 
 KEYS_ADDED_LATER = (("train", "bf16"), ("train", "lr_convention"), ("model", "lse_eps"),
-                    ("model", "inner_pool"))
+                    ("model", "inner_pool"), ("train", "optimizer"), ("train", "beta1"),
+                    ("train", "beta2"), ("train", "eps"), ("train", "eps_root"))
 """Trajectory keys the fingerprint leaves out while they hold their defaults."""
 
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
@@ -367,6 +384,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.start_factor >= 0 and t.end_factor >= 0, "train.start_factor/end_factor must be >= 0")
     need(t.bias_lr_scale > 0, "train.bias_lr_scale must be > 0")
     need(t.lr_convention in ("mean", "airbench"), "train.lr_convention must be mean or airbench")
+    need(t.optimizer in ("sgd", "adam", "adamw"),
+         f"train.optimizer={t.optimizer!r}: use sgd, adam or adamw")
+    need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+    need(t.eps >= 0 and t.eps_root >= 0, "train.eps and train.eps_root must be >= 0")
+    need(t.optimizer == "sgd" or t.eps > 0 or t.eps_root > 0,
+         "train.eps and train.eps_root are both 0, so an Adam step divides by 0 where a second "
+         "moment is 0; set --set train.eps=1e-8 (or train.eps_root)")
+    need(t.optimizer == "sgd" or t.lr_convention == "mean",
+         f"train.lr_convention=airbench describes airbench's SGD; with train.optimizer="
+         f"{t.optimizer} use train.lr_convention=mean")
     need(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
     need(t.dtype in ("float32", "float64"), f"train.dtype={t.dtype!r}: use float32 or float64")
     need(not t.bf16 or t.dtype == "float32",
@@ -435,6 +462,22 @@ def load_config(preset: str = "quick", config_file: Optional[str | os.PathLike] 
     return validate(_build(d))
 
 
+def with_values(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """A copy of ``cfg`` with the dotted keys in ``values`` replaced ({"device": "cuda:1",
+    "replay.start_step": 97}), validated like any other config."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for path, value in values.items():
+        section, _, key = path.rpartition(".")
+        if section:
+            sections.setdefault(section, {})[key] = value
+        else:
+            top[key] = value
+    for section, changes in sections.items():
+        top[section] = dataclasses.replace(getattr(cfg, section), **changes)
+    return validate(dataclasses.replace(cfg, **top))
+
+
 def score_name(cfg: RunConfig) -> str:
     """Where a run's scores live in its store: the measurement kind, plus the attribution window
     when there is one (scores of different windows are different quantities)."""
@@ -449,10 +492,15 @@ def config_from_dict(d: dict) -> RunConfig:
     return validate(_build(base))
 
 
-def to_toml(cfg: RunConfig) -> str:
-    """TOML text of a config (for show-config and the resolved config saved next to each run)."""
+def to_toml(cfg: RunConfig, unused: tuple[str, ...] | list[str] = ()) -> str:
+    """TOML text of a config (for show-config and the resolved config saved next to each run);
+    ``unused``: dotted keys the run never reads (a task's own model or data), said in a comment."""
     d = cfg.to_dict()
-    lines = [f"{k} = {json.dumps(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    lines = []
+    if unused:
+        lines.append("# Not read by this run (its task brings its own model or data): "
+                     + ", ".join(unused))
+    lines += [f"{k} = {json.dumps(v)}" for k, v in d.items() if not isinstance(v, dict)]
     for section in SECTIONS:
         lines.append(f"\n[{section}]")
         for k, v in d[section].items():

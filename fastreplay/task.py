@@ -106,6 +106,24 @@ def builtin_task(cfg, download: bool = False, data=None, model_factory=None) -> 
     return Task(model=model_factory, data=load_data(cfg, download) if data is None else data)
 
 
+IMAGE_DATA_KEYS = ("num_classes", "augment", "crop_padding")
+"""The data.* keys a task's own ImageData still reads (label range, built-in augmentation)."""
+
+
+def unused_config_keys(task: Task, own_data: bool, cfg) -> list[str]:
+    """The config keys a run of ``task`` never reads, so that its saved config can say so: the
+    built-in network's model.* when the task builds its own model, the built-in data set's data.*
+    when it brings its own data (ImageData still reads IMAGE_DATA_KEYS)."""
+    from .data import ImageData
+    unused = []
+    if task.model is not None:
+        unused += [f"model.{k}" for k in cfg.to_dict()["model"]]
+    if own_data:
+        kept = IMAGE_DATA_KEYS if isinstance(task.data, ImageData) else ()
+        unused += [f"data.{k}" for k in cfg.to_dict()["data"] if k not in kept]
+    return unused
+
+
 def cross_entropy(label_smoothing: float) -> Loss:
     def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets, reduction="none", label_smoothing=label_smoothing)

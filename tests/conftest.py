@@ -35,6 +35,21 @@ SMALL = ["seed=3", "data.name=synthetic", "data.num_train=48", "data.num_test=8"
          "replay.checkpoint_every=5"]
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fastreplay_json(*args: str) -> dict:
+    """``python -m fastreplay ARGS --json`` in a subprocess from the repository root, as a user
+    runs the examples -> its JSON. One intra-op thread: the examples' operations are tiny, and
+    two OpenMP threads on a busy 2-core machine spin-wait for each other (10x slower)."""
+    path = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "fastreplay", *args, "--json"], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert proc.returncode == 0, f"fastreplay {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def set_args(overrides):
     out = []
     for o in overrides:

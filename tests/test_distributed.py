@@ -85,8 +85,12 @@ def test_ranks_replay_the_passes_of_one_process(monkeypatch):
 
 def test_a_rank_whose_peer_stopped_says_so_in_one_line(tmp_path):
     """Rank 0 stops on bad input (no CIFAR-10) while rank 1 waits at the barrier: rank 1 says
-    in one line that a peer stopped, no traceback (torchrun's own summary is torch's)."""
+    in one line that a peer stopped, no traceback (torchrun's own summary is torch's).
+    torchrun checks its workers every --monitor-interval seconds and then stops the survivors;
+    a long interval lets rank 1 notice the closed connection first even on a loaded machine
+    (at the default 0.1 s, a busy CPU sometimes had rank 1 stopped before it could say so)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--monitor-interval=5",
            "-m", "fastreplay", "magic", "--preset", "quick", "--targets", "0:2",
            "--run-dir", str(tmp_path / "run"), "--no-plots", "--log-level", "WARNING"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CIFAR_ROOT=str(tmp_path / "no-cifar"))

@@ -38,7 +38,7 @@ CASES = {
 }
 
 
-def central_differences(measure, num_train: int):
+def central_differences(measure, num_train: int, eps: float = EPS):
     """(examples, fd): NUM_EXAMPLES random training examples and, for each target and example,
     (phi(w + eps e_i) - phi(w - eps e_i)) / 2 eps at w = 1, where ``measure(w)`` retrains with
     weights w and returns the targets' measurements."""
@@ -48,9 +48,9 @@ def central_differences(measure, num_train: int):
         values = []
         for sign in (+1, -1):
             w = np.ones(num_train)
-            w[i] += sign * EPS
+            w[i] += sign * eps
             values.append(np.asarray(measure(w)))
-        fd[:, j] = (values[0] - values[1]) / (2 * EPS)
+        fd[:, j] = (values[0] - values[1]) / (2 * eps)
     return examples, fd
 
 

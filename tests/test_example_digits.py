@@ -3,32 +3,16 @@ subprocess, from the repository root. The recipe (examples/digits_mlp.toml) is s
 that whole-run scores predict retraining: LDS >= 0.9 at keep 0.99 (weight removal)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import fastreplay_json as fastreplay
 
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parents[1]
 TASK = "examples/digits_mlp.py:make_task"
 CONFIG = "examples/digits_mlp.toml"
 MODELS = 16
-
-
-def fastreplay(*args: str) -> dict:
-    """``python -m fastreplay ARGS --json`` in the repository root -> its JSON."""
-    # One intra-op thread: this network's operations are tiny, and two OpenMP threads on a
-    # busy 2-core machine (pytest -n, another job) spin-wait for each other: 10x slower.
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "fastreplay", *args, "--json"], cwd=ROOT,
-                          capture_output=True, text=True, env=env, timeout=900, check=False)
-    assert proc.returncode == 0, f"fastreplay {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_digits_example_scores_predict_retraining(tmp_path):

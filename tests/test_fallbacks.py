@@ -19,7 +19,8 @@ import pytest
 import torch
 from conftest import SMALL
 
-from fastreplay.config import load_config
+from fastreplay.config import load_config, with_values
+from fastreplay.core.recipe import Recipe
 from fastreplay.core.replay import hvp_mode, replay
 from fastreplay.exceptions import ReplayError
 from fastreplay.interface.api import open_or_train
@@ -118,7 +119,8 @@ def test_auto_falls_back_exactly_where_torch_cannot_transform_the_model(
     from fastreplay.core import replay as replay_mod
     recipe, store = _trained(tmp_path, monkeypatch, gap, lands_on)
     expected = replay(recipe, store, TARGETS, "loss").scores
-    recipe.cfg.replay.hvp = "auto"
+    recipe = Recipe(with_values(recipe.cfg, {"replay.hvp": "auto"}))
+    _splice(monkeypatch, recipe, gap)
     monkeypatch.setattr(replay_mod, "_on_cuda", lambda recipe: True)
     assert hvp_mode(recipe, 2) == "forward-vmap"
     got = replay(recipe, store, TARGETS, "loss").scores
@@ -172,7 +174,6 @@ def test_train_many_trains_one_model_at_a_time_where_vmap_cannot_batch_it(
     """LDS retraining: the vmapped multi-model step meets the same gaps; it starts over one
     model at a time (bitwise single-model training) and does not try vmap again."""
     from fastreplay.core.multitrain import can_batch_models, choose_models_per_batch, train_many
-    from fastreplay.core.recipe import Recipe
     from fastreplay.core.train import train
     recipe = Recipe(load_config("test", overrides=SMALL + ["train.epochs=1"]))
     _splice(monkeypatch, recipe, gap)

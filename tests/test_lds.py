@@ -175,7 +175,7 @@ def test_window_retrainings_start_from_the_stored_run(tmp_path):
     start = window_start(recipe, store)
     scratch = run_steps(recipe, recipe.init_state(), recipe.ones(), 12)
     assert start.step == 12
-    for a, b in ((start.theta, scratch.theta), (start.momentum, scratch.momentum),
+    for a, b in ((start.theta, scratch.theta), (start.opt_state, scratch.opt_state),
                  (start.buffers, scratch.buffers)):
         assert torch.equal(a, b)
     mask = subset_masks(recipe.num_train, 1, 0.9, 3)[0]
@@ -204,10 +204,18 @@ def test_channels_last_runs_train_one_model_at_a_time():
 
 
 def test_window_epochs_resolve_to_the_last_steps():
+    """The recipe's config (what a store saves) holds the resolved start step; the config
+    passed in is immutable and stays as it was."""
+    import dataclasses
+
     from fastreplay.core.recipe import Recipe
     cfg = load_config("test", overrides=OVERRIDES + ["replay.window_epochs=0.5"])
     recipe = Recipe(cfg)  # 2 epochs of 10 steps: the last half epoch is steps 15..19
-    assert cfg.replay.start_step == 15 and cfg.replay.window_epochs == 0
+    assert recipe.cfg.replay.start_step == 15 and recipe.cfg.replay.window_epochs == 0
+    assert recipe.plan.start_step == 15 and recipe.plan.weighted(15) and not recipe.plan.weighted(14)
+    assert cfg.replay.start_step == 0 and cfg.replay.window_epochs == 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.replay.start_step = 3
     with pytest.raises(ConfigError, match="both set"):
         load_config("test", overrides=OVERRIDES + ["replay.window_epochs=1",
                                                    "replay.start_step=3"])

@@ -23,7 +23,8 @@ from test_exactness import (
 from fastreplay.config import ConfigError, RunConfig, config_from_dict, load_config, to_toml
 from fastreplay.core.measure import accuracy_logits
 from fastreplay.core.models import GlobalPool
-from fastreplay.core.recipe import Recipe, airbench_scale, lr_table
+from fastreplay.core.recipe import Recipe
+from fastreplay.core.lr import airbench_scale, lr_table
 from fastreplay.core.replay import replay
 from fastreplay.interface.api import counterfactual, open_or_train
 
@@ -103,15 +104,15 @@ lambda = 0.768 / 153.6 = 5e-3, SMALL's mean-convention values."""
 def test_airbench_values_convert_to_moderate_mean_loss_values():
     recipe = Recipe(load_config("test", overrides=AIRBENCH + ["train.schedule=constant"]))
     assert airbench_scale(0.875) == 9216
-    np.testing.assert_allclose(recipe.lrs[0], [0.2, 0.4], rtol=1e-15)  # bias_lr_scale 2
-    np.testing.assert_allclose(recipe.wds, [5e-3, 0.0], rtol=1e-15)
+    np.testing.assert_allclose(recipe.optimizer.lrs[0], [0.2, 0.4], rtol=1e-15)  # bias x2
+    np.testing.assert_allclose(recipe.optimizer.wds, [5e-3, 0.0], rtol=1e-15)
 
 
 def schedule_factor(cfg, step: int, num_steps: int) -> float:
     """f_t: the schedule's factor alone (the mean convention's lr table at lr 1)."""
     unit = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1.0,
                                                                 lr_convention="mean"))
-    return float(lr_table(unit, num_steps, 1)[step, 0])
+    return float(lr_table(unit.train, num_steps, 1)[step, 0])
 
 
 def airbench_param_groups(cfg, groups, factor: float) -> list[dict]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import SMALL
 
-from fastreplay.config import load_config
+from fastreplay.config import load_config, with_values
 from fastreplay.core import kernels
 from fastreplay.core.recipe import Recipe
 from fastreplay.core.reference import unrolled_scores
@@ -143,7 +143,7 @@ def test_auto_falls_back_to_one_measurement_per_pass_when_vmap_runs_out_of_memor
     from fastreplay.progress import log
     recipe, store = open_or_train(_cfg("replay.hvp=forward"), tmp_path)
     expected = replay(recipe, store, [1, 4], "loss").scores
-    recipe.cfg.replay.hvp = "auto"
+    recipe = Recipe(with_values(recipe.cfg, {"replay.hvp": "auto"}))
     _with_vmap_out_of_memory(monkeypatch)
     assert hvp_mode(recipe, 2) == "forward-vmap" and hvp_mode(recipe, 1) == "forward"
     warnings = []

@@ -91,11 +91,11 @@ FACTORIES = {"batchnorm2d-cnn": bn_cnn, "batchnorm1d-two-momenta": bn_mlp,
 
 
 def train_store(recipe: Recipe, path) -> RunStore:
-    """The run trained into a store as open_or_train does (which builds its own, built-in
-    recipe: the api does not take model factories yet)."""
+    """The run trained into a store as open_or_train does, reusing the recipe whose
+    retrainings gave the finite differences (no second data load, no run-directory lock)."""
     cfg = recipe.cfg
     store = RunStore.create(str(path), cfg.to_dict(), cfg.fingerprint(), versions(),
-                            attrs={"step_backend": recipe.step_backend})
+                            attrs={"step_backend": recipe.runtime.step_backend})
     train_into_store(recipe, store)
     return store
 

@@ -85,6 +85,10 @@ def test_cli_task_scores_match_finite_differences(tmp_path):
                "--run-dir", tmp_path / "run", "--scores-out", scores_file, "--no-plots")
     scores = np.load(scores_file)
     assert scores.shape == (2, 48)
+    # the saved config says which keys the task's own model and data leave unread
+    saved = (tmp_path / "run" / "config.toml").read_text().splitlines()
+    assert saved[0].startswith("# Not read by this run") and "model.width" in saved[0]
+    assert "data.num_train" in saved[0] and "train." not in saved[0]
 
     def retrain(w):
         import json

@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..exceptions import KernelError
-from .optim import sgd_adjoint_reference, sgd_step_reference
+from .optim import (adam_adjoint_reference, adam_step_reference, sgd_adjoint_reference,
+                    sgd_step_reference)
 
 _LOAD_ERROR: Optional[str] = None
 try:  # the compiled extension registers torch.ops.fastreplay.* on import
@@ -78,3 +79,36 @@ def sgd_adjoint_(theta_bar, m_bar, g_bar, hvp, group_ends: Sequence[int], lrs: S
                                           float(mu), bool(nesterov))
     else:
         sgd_adjoint_reference(theta_bar, m_bar, g_bar, hvp, group_ends, lrs, wds, mu, nesterov)
+
+
+def _has_op(name: str) -> bool:
+    return extension_loaded() and hasattr(torch.ops.fastreplay, name)
+
+
+def adam_step_(theta, state, grad, group_ends: Sequence[int], lrs: Sequence[float],
+               wds: Sequence[float], hyper, step: int, backend: str) -> None:
+    if backend == "fused" and _has_op("adam_step_"):
+        torch.ops.fastreplay.adam_step_(theta, state, grad, list(map(int, group_ends)),
+                                        list(map(float, lrs)), list(map(float, wds)),
+                                        *_adam_scalars(hyper, step))
+    else:
+        adam_step_reference(theta, state, grad, group_ends, lrs, wds, hyper, step)
+
+
+def adam_adjoint_(theta_bar, state_bar, g_bar, hvp, grad, theta, state,
+                  group_ends: Sequence[int], lrs: Sequence[float], wds: Sequence[float], hyper,
+                  step: int, backend: str) -> None:
+    if backend == "fused" and _has_op("adam_adjoint_"):
+        torch.ops.fastreplay.adam_adjoint_(theta_bar, state_bar, g_bar, hvp, grad, theta, state,
+                                           list(map(int, group_ends)), list(map(float, lrs)),
+                                           list(map(float, wds)), *_adam_scalars(hyper, step))
+    else:
+        adam_adjoint_reference(theta_bar, state_bar, g_bar, hvp, grad, theta, state, group_ends,
+                               lrs, wds, hyper, step)
+
+
+def _adam_scalars(hyper, step: int) -> tuple:
+    """The scalar arguments of the fused Adam ops: b1, b2, eps, eps_root, c1, c2, decoupled."""
+    c1, c2 = hyper.corrections(step)
+    return (float(hyper.beta1), float(hyper.beta2), float(hyper.eps), float(hyper.eps_root),
+            float(c1), float(c2), bool(hyper.decoupled))

@@ -17,7 +17,6 @@ from torch.func import grad, vmap
 from ..faults import crash_point
 from ..progress import log
 from .func_limits import first_line, vmap_unsupported
-from .kernels import sgd_step_
 from .recipe import Recipe, TrainState
 from .train import _NanWatch, run_steps
 
@@ -54,19 +53,17 @@ def _train_vmapped(recipe: Recipe, weights: torch.Tensor, init: TrainState,
                    num_steps: int | None) -> TrainState:
     """The M models in one vmapped step each; ``init`` is left as it was."""
     m = weights.shape[0]
-    state = TrainState(init.theta.expand(m, -1).clone(), init.momentum.expand(m, -1).clone(),
+    state = TrainState(init.theta.expand(m, -1).clone(), init.opt_state.expand(m, -1).clone(),
                        init.buffers.expand(m, -1).clone(), init.step)
     step_fn = _make_step(recipe)
     ones = recipe.ones()
     watch = _NanWatch(recipe.device)
-    cfg = recipe.cfg.train
     for t in range(init.step, recipe.num_steps if num_steps is None else num_steps):
-        idx = recipe.indices[t]
+        idx = recipe.plan.indices[t]
         x, y = recipe.batch_inputs(t)
-        w = weights[:, idx] if t >= recipe.cfg.replay.start_step else ones[idx].expand(m, -1)
+        w = weights[:, idx] if recipe.plan.weighted(t) else ones[idx].expand(m, -1)
         grads, (new_buffers, losses) = step_fn(state.theta, state.buffers, w, x, y)
-        sgd_step_(state.theta, state.momentum, grads, recipe.model.group_ends, recipe.lrs[t],
-                  recipe.wds, cfg.momentum, cfg.nesterov, recipe.step_backend)
+        recipe.optimizer.step_(state.theta, state.opt_state, grads, t)
         state.buffers = new_buffers
         watch.update(losses.sum(), t)
         state.step = t + 1
@@ -91,7 +88,7 @@ def _train_one_by_one(recipe: Recipe, weights: torch.Tensor, init: TrainState,
     stop = recipe.num_steps if num_steps is None else num_steps
     finals = [run_steps(recipe, init.clone(), w, stop, description="retrain") for w in weights]
     return TrainState(*(torch.stack([getattr(f, k) for f in finals])
-                        for k in ("theta", "momentum", "buffers")), stop)
+                        for k in ("theta", "opt_state", "buffers")), stop)
 
 
 def _steps_per_second(recipe: Recipe, m: int, steps: int = 3) -> float:

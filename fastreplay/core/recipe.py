@@ -1,6 +1,17 @@
-"""A training recipe made concrete: data on the device, the flat model, the batch order and the
-per-step, per-group learning rates. Training, replay and every retraining share one Recipe, so
-they run the very same step function on the very same inputs.
+"""A training recipe made concrete: the task's model and loss on the device, stepped by the
+run's optimizer over the run's batch order. Training, replay and every retraining share one
+Recipe, so they run the very same step function on the very same inputs.
+
+Each responsibility lives in its own piece, resolved once from the config:
+
+- ``runtime`` (core/runtime.py): device, dtype, determinism, kernel backends;
+- ``data`` (data.py): the task's examples on the device, with their augmentation;
+- ``plan`` (core/batches.py): the batch order and the attribution window;
+- ``model`` and ``loss_fn``: the task's network as a flat-parameter function, and its loss;
+- ``optimizer`` (core/optimizers.py): learning rates, weight decays, the step and its adjoint.
+
+``cfg`` is the resolved config (the attribution window as a start step): what the run store
+saves. The config passed in is never changed.
 """
 from __future__ import annotations
 
@@ -10,97 +21,27 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..config import RunConfig
-from ..data import ImageData, batch_schedule, device_data
+from ..config import RunConfig, with_values
+from ..data import ImageData, device_data
 from ..exceptions import ConfigError
-from ..task import Task, builtin_measurement, builtin_task, check_task, cross_entropy, per_example
-from .kernels import resolve_backend, sgd_step_
+from ..task import (Task, builtin_measurement, builtin_task, check_task, cross_entropy,
+                    per_example, unused_config_keys)
+from .batches import BatchPlan
 from .models import FlatModel
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is visible; use --set device=cpu")
-    device = torch.device(name)
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are "
-                          "visible; use cuda:0 or set CUDA_VISIBLE_DEVICES")
-    return device
-
-
-def configure_determinism(device: torch.device, tf32: bool) -> None:
-    """Bitwise-reproducible steps: the replay recomputes states and must land on the same bits."""
-    # CUBLAS_WORKSPACE_CONFIG is set in fastreplay/__init__.py, before CUDA can initialise.
-    torch.use_deterministic_algorithms(True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-
-
-def airbench_scale(momentum: float) -> float:
-    """airbench94's "kilostep scale" 1024 (1 + 1/(1 - mu)): its lr and weight decay are per
-    1024 examples, and Nesterov momentum's step on a constant gradient is (1 + 1/(1 - mu))
-    times that gradient, which this divides out."""
-    return 1024 * (1 + 1 / (1 - momentum))
-
-
-def mean_loss_lr_and_decay(cfg: RunConfig) -> tuple[float, float]:
-    """(peak eta, lambda) of this package's mean-loss step for train.lr and train.weight_decay.
-
-    lr_convention=mean: they are eta and lambda themselves. lr_convention=airbench converts
-    airbench94's optimizer once: torch SGD on the SUMMED loss B L_mean with group lr
-    alpha_g = f_t lr s_g / S and coupled weight_decay kappa_g = (wd B / S) / (lr s_g / S)
-    (S = airbench_scale, s_g the group's lr multiplier, f_t the schedule factor, which scales
-    alpha but not kappa). With the momentum buffer m = buf / B its step is ours with
-    eta_g = B alpha_g = f_t s_g (lr B / S) and lambda_g = kappa_g / B = wd / (lr s_g), so
-    eta_g lambda_g = f_t wd B / S: the decay per step is independent of lr, as airbench
-    intends. For the decay group (s = 1): peak eta = lr B / S and lambda = wd / lr.
-    """
-    t = cfg.train
-    if t.lr_convention == "mean":
-        return t.lr, t.weight_decay
-    peak = t.lr * t.batch_size / airbench_scale(t.momentum)
-    return peak, t.weight_decay / t.lr
-
-
-def weight_decays(cfg: RunConfig, num_groups: int) -> list[float]:
-    """lambda per parameter group: the decay group's, and 0 for the no-decay group (biases and
-    BatchNorm parameters; airbench also decays its BatchNorm biases, which this does not)."""
-    return [mean_loss_lr_and_decay(cfg)[1], 0.0][:num_groups]
-
-
-def lr_table(cfg: RunConfig, num_steps: int, num_groups: int) -> np.ndarray:
-    """(T, groups) learning rates: the schedule's factor times the peak eta (train.lr, converted
-    by mean_loss_lr_and_decay under lr_convention=airbench) times the group scale."""
-    t = cfg.train
-    s = np.arange(num_steps, dtype=np.float64)
-    if t.schedule == "constant":
-        factor = np.ones(num_steps)
-    else:  # onecycle: linear start->peak over peak_at of training, then linear peak->end
-        peak = max(1.0, t.peak_at * num_steps)
-        up = t.start_factor + (1 - t.start_factor) * s / peak
-        down = 1 + (t.end_factor - 1) * (s - peak) / max(1.0, num_steps - peak)
-        factor = np.where(s < peak, up, down)
-    scales = [1.0, t.bias_lr_scale][:num_groups]
-    peak_eta = mean_loss_lr_and_decay(cfg)[0]
-    return peak_eta * factor[:, None] * np.asarray(scales)[None, :]
+from .optimizers import build_optimizer
+from .runtime import Runtime
 
 
 @dataclass
 class TrainState:
     theta: torch.Tensor
-    momentum: torch.Tensor
+    opt_state: torch.Tensor
+    """The optimizer's state (SGD: momentum, P; Adam: moments, 2P)."""
     buffers: torch.Tensor
     step: int
 
     def clone(self) -> "TrainState":
-        return TrainState(self.theta.clone(), self.momentum.clone(), self.buffers.clone(), self.step)
+        return TrainState(self.theta.clone(), self.opt_state.clone(), self.buffers.clone(), self.step)
 
 
 ModelFactory = Optional[Callable[[], torch.nn.Module]]
@@ -117,42 +58,38 @@ class Recipe:
 
     def __init__(self, cfg: RunConfig, download: bool = False, data: Optional[ImageData] = None,
                  model_factory: ModelFactory = None, task: Optional[Task] = None):
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.dtype = DTYPES[cfg.train.dtype]
-        configure_determinism(self.device, cfg.train.tf32)
+        self.runtime = Runtime.from_config(cfg)
+        is_builtin = task is None
         if task is None:
             task = builtin_task(cfg, download, data, model_factory)
         elif data is not None or model_factory is not None:
             raise ConfigError("give either a task or model_factory/data, not both: they are "
                               "the task's model and data")
         self.task = check_task(task)
+        self.unused_keys = unused_config_keys(self.task, own_data=data is not None or
+                                              not is_builtin, cfg=cfg)
         self.data = device_data(self.task, cfg, self.device, self.dtype)
         self.model = FlatModel(cfg, self.device, self.dtype, self.task.model, self.task.decays)
         self.loss_fn = self.task.loss or cross_entropy(cfg.train.label_smoothing)
-        n, b = self.data.num_train, cfg.train.batch_size
-        if b > n:
-            raise ConfigError(f"train.batch_size={b} exceeds the {n} training examples")
-        self.indices_np = batch_schedule(n, b, cfg.train.epochs, cfg.seed)
-        self.indices = torch.from_numpy(self.indices_np).to(self.device)
-        self.num_steps = self.indices_np.shape[0]
-        if cfg.replay.window_epochs > 0:
-            # Resolved in place, so that the config saved with the run says which steps it means.
-            per_epoch = self.num_steps // cfg.train.epochs
-            window = max(1, round(cfg.replay.window_epochs * per_epoch))
-            if window > self.num_steps:
-                raise ConfigError(f"replay.window_epochs={cfg.replay.window_epochs:g} exceeds the "
-                                  f"{cfg.train.epochs} training epochs; use at most that")
-            cfg.replay.start_step, cfg.replay.window_epochs = self.num_steps - window, 0.0
-        if cfg.replay.start_step >= self.num_steps:
-            raise ConfigError(f"replay.start_step={cfg.replay.start_step} is not below the "
-                              f"{self.num_steps} training steps")
-        self.lrs = lr_table(cfg, self.num_steps, len(self.model.group_ends))
-        self.wds = weight_decays(cfg, len(self.model.group_ends))
-        # The forward step always uses the best available kernels; a replay must recompute
-        # states with the same ones (checked against the store), whatever its adjoint backend.
-        self.step_backend = resolve_backend("auto", self.device)
-        self.adjoint_backend = resolve_backend(cfg.replay.backend, self.device)
+        t = cfg.train
+        self.plan = BatchPlan.make(self.data.num_train, t.batch_size, t.epochs, cfg.seed,
+                                   cfg.replay, self.device)
+        self.cfg = with_values(cfg, {"replay.start_step": self.plan.start_step,
+                                     "replay.window_epochs": 0.0})
+        self.optimizer = build_optimizer(t, self.num_steps, self.model.group_ends,
+                                         self.runtime.step_backend, self.runtime.adjoint_backend)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runtime.dtype
+
+    @property
+    def num_steps(self) -> int:
+        return self.plan.num_steps
 
     @property
     def num_train(self) -> int:
@@ -160,7 +97,7 @@ class Recipe:
 
     def init_state(self) -> TrainState:
         m = self.model
-        return TrainState(m.theta0.clone(), torch.zeros_like(m.theta0), m.buffers0.clone(), 0)
+        return TrainState(m.theta0.clone(), self.optimizer.init(m.theta0), m.buffers0.clone(), 0)
 
     def tensor(self, array) -> torch.Tensor:
         """A stored array as a fresh tensor on the device in the run's dtype (never aliasing it:
@@ -178,11 +115,11 @@ class Recipe:
 
     def step_weights(self, weights: torch.Tensor, step: int) -> torch.Tensor:
         """Data weights act only from replay.start_step on; before it every run is identical."""
-        return weights if step >= self.cfg.replay.start_step else self.ones()
+        return weights if self.plan.weighted(step) else self.ones()
 
     def batch_inputs(self, step: int, present: Optional[torch.Tensor] = None):
         """Step's augmented batch (x, y), only the ``present`` slots when given."""
-        idx = self.indices[step]
+        idx = self.plan.indices[step]
         x = self.data.train_batch(idx, step)
         y = self.data.train_y[idx]
         if present is not None:
@@ -206,6 +143,14 @@ class Recipe:
         """Per-example losses on step's augmented batch and the updated running statistics."""
         return self.losses(theta, buffers, *self.batch_inputs(step, present))
 
+    def gradient(self, theta: torch.Tensor, buffers: torch.Tensor, step: int) -> torch.Tensor:
+        """grad_theta L_step(theta, w = 1): the gradient the scored run's step ``step`` took
+        from theta (what a nonlinear optimizer's adjoint needs, core/optimizers.py)."""
+        theta = theta.detach().requires_grad_(True)
+        loss, _ = self.batch_loss(theta, buffers, step, self.ones()[self.plan.indices[step]])
+        (grad,) = torch.autograd.grad(loss, theta)
+        return grad
+
     def batch_loss(self, theta: torch.Tensor, buffers: torch.Tensor, step: int,
                    batch_weights: torch.Tensor, present: Optional[torch.Tensor] = None):
         """(1/B) sum_i w_i loss_i on step's augmented batch, and the updated running statistics.
@@ -213,7 +158,7 @@ class Recipe:
         ``present`` (bool, per batch slot) takes examples out of the batch altogether (LDS "drop"
         removal): they skip the forward pass and the loss is averaged over those that remain.
         """
-        denom = self.indices.shape[1]
+        denom = self.plan.batch_size
         if present is not None:
             batch_weights = batch_weights[present]
             denom = max(1, int(present.sum()))
@@ -224,15 +169,15 @@ class Recipe:
              keep_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Advance ``state`` by one SGD step in place; returns the (detached) batch loss."""
         t = state.step
-        w = self.step_weights(weights, t)[self.indices[t]]
+        idx = self.plan.indices[t]
+        w = self.step_weights(weights, t)[idx]
         present = None
-        if keep_mask is not None and t >= self.cfg.replay.start_step:
-            present = keep_mask[self.indices[t]]
+        if keep_mask is not None and self.plan.weighted(t):
+            present = keep_mask[idx]
         theta = state.theta.detach().requires_grad_(True)
         loss, new_buffers = self.batch_loss(theta, state.buffers, t, w, present)
         (grad,) = torch.autograd.grad(loss, theta)
-        sgd_step_(state.theta, state.momentum, grad, self.model.group_ends, self.lrs[t], self.wds,
-                  self.cfg.train.momentum, self.cfg.train.nesterov, self.step_backend)
+        self.optimizer.step_(state.theta, state.opt_state, grad, t)
         state.buffers = new_buffers.detach()
         state.step = t + 1
         return loss.detach()

@@ -9,32 +9,55 @@ from __future__ import annotations
 import torch
 
 from .measure import measurement_values
+from .optim import group_slices, moments
 from .recipe import Recipe
+from .sgd import SGD
 
 
 def unrolled_training(recipe: Recipe, weights: torch.Tensor):
     """Final (theta, buffers) as differentiable functions of ``weights``."""
-    cfg = recipe.cfg.train
+    opt = recipe.optimizer
+    step = _sgd_step if isinstance(opt, SGD) else _adam_step
     theta = recipe.model.theta0.clone().requires_grad_(True)
-    momentum = torch.zeros_like(theta)
+    state = opt.init(theta).detach()
     buffers = recipe.model.buffers0.clone()
     for t in range(recipe.num_steps):
-        w = recipe.step_weights(weights, t)[recipe.indices[t]]
+        w = recipe.step_weights(weights, t)[recipe.plan.indices[t]]
         loss, buffers = recipe.batch_loss(theta, buffers, t, w)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
-        parts_theta, parts_m = [], []
-        lo = 0
-        for g_idx, hi in enumerate(recipe.model.group_ends):
-            th, m, gr = theta[lo:hi], momentum[lo:hi], grad[lo:hi]
-            lr, wd = float(recipe.lrs[t][g_idx]), recipe.wds[g_idx]
-            g = gr + wd * th
-            m_new = cfg.momentum * m + g
-            d = g + cfg.momentum * m_new if cfg.nesterov else m_new
-            parts_theta.append(th - lr * d)
-            parts_m.append(m_new)
-            lo = hi
-        theta, momentum = torch.cat(parts_theta), torch.cat(parts_m)
+        parts = [step(opt, t, g_idx, theta[sl], state, sl, grad[sl])
+                 for g_idx, sl in enumerate(group_slices(recipe.model.group_ends))]
+        theta = torch.cat([th for th, _ in parts])
+        state = _join_states([s for _, s in parts])
     return theta, buffers
+
+
+def _sgd_step(opt, t: int, g_idx: int, th, state, sl, gr):
+    """One group's SGD step, out of place: (theta', [momentum'])."""
+    lr, wd = float(opt.lrs[t][g_idx]), opt.wds[g_idx]
+    g = gr + wd * th
+    m_new = opt.momentum * state[sl] + g
+    d = g + opt.momentum * m_new if opt.nesterov else m_new
+    return th - lr * d, [m_new]
+
+
+def _adam_step(opt, t: int, g_idx: int, th, state, sl, gr):
+    """One group's Adam / AdamW step, out of place: (theta', [m', v'])."""
+    h = opt.hyper
+    lr, wd = float(opt.lrs[t][g_idx]), opt.wds[g_idx]
+    c1, c2 = h.corrections(t)
+    m, v = (part[sl] for part in moments(state, state.shape[0] // 2))
+    g = gr if h.decoupled else gr + wd * th
+    m_new = h.beta1 * m + (1 - h.beta1) * g
+    v_new = h.beta2 * v + (1 - h.beta2) * g * g
+    u = m_new * c1 / (torch.sqrt(v_new * c2 + h.eps_root) + h.eps)
+    decayed = th * (1 - lr * wd) if h.decoupled else th
+    return decayed - lr * u, [m_new, v_new]
+
+
+def _join_states(parts: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Per-group pieces of the state back into one flat state (its k pieces of P each)."""
+    return torch.cat([torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))])
 
 
 def unrolled_scores(recipe: Recipe, targets: list[int], kind: str) -> torch.Tensor:

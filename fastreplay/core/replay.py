@@ -29,8 +29,8 @@ from ..exceptions import ReplayError
 from ..progress import log, progress_bar
 from ..store import Prefetcher
 from .func_limits import first_line, forward_ad_unsupported, names_forward_ad, vmap_unsupported
-from .kernels import sgd_adjoint_
 from .measure import measurement_grads
+from .optimizers import StepValues
 from .recipe import Recipe, TrainState
 from .train import run_steps
 
@@ -230,8 +230,9 @@ def _tangent_fn(recipe: Recipe, batched: bool):
 
 
 def reverse_states(recipe: Recipe, state: TrainState, end: int, arity: int, ones: torch.Tensor,
-                   stop: int, expect_end: dict | None = None):
-    """Yield (t, theta_t, buffers_t) for t = end-1 down to ``stop``, rebuilt from ``state``.
+                   stop: int, expect_end: dict | None = None, keep_state: bool = False):
+    """Yield (t, theta_t, buffers_t, opt_state_t) for t = end-1 down to ``stop``, rebuilt from
+    ``state``; opt_state_t is None unless ``keep_state`` (Adam's adjoint reads it).
 
     arity 0 keeps every state of the segment (one forward pass, end - begin states in memory);
     arity k >= 2 is REPLAY's lazy k-ary tree: keep k states, recurse into the sub-segments
@@ -248,7 +249,11 @@ def reverse_states(recipe: Recipe, state: TrainState, end: int, arity: int, ones
     def keep(st: TrainState) -> None:
         if st.step >= stop or not leaf:
             if (st.step - begin) % size == 0:
-                kept.append((st.step, st.theta.clone(), st.buffers) if leaf else st.clone())
+                if not leaf:
+                    kept.append(st.clone())
+                else:
+                    kept.append((st.step, st.theta.clone(), st.buffers,
+                                 st.opt_state.clone() if keep_state else None))
 
     run_steps(recipe, state, ones, end, on_step=keep, description="rebuild")
     if expect_end is not None:
@@ -260,7 +265,8 @@ def reverse_states(recipe: Recipe, state: TrainState, end: int, arity: int, ones
         sub = kept.pop()
         sub_end = min(sub.step + size, end)
         if sub_end > stop:
-            yield from reverse_states(recipe, sub, sub_end, arity, ones, stop)
+            yield from reverse_states(recipe, sub, sub_end, arity, ones, stop,
+                                      keep_state=keep_state)
 
 
 def _stored_parts(params: torch.Tensor, buffers: torch.Tensor,
@@ -277,7 +283,7 @@ def _check_reproduced(rebuilt: TrainState, stored: dict, begin: int) -> None:
     momentum that differs in its last bits may not reach theta within the segment, and the
     running statistics never feed back into a training step at all, yet either makes it
     another run than the one the scores would claim to differentiate."""
-    have = {"params": rebuilt.theta, "momentum": rebuilt.momentum, "buffers": rebuilt.buffers}
+    have = {"params": rebuilt.theta, "momentum": rebuilt.opt_state, "buffers": rebuilt.buffers}
     differ = [name for name, t in stored.items() if not torch.equal(have[name], t)]
     if differ:
         which = (", ".join(differ[:-1]) + " and " if len(differ) > 1 else "") + differ[-1]
@@ -297,9 +303,10 @@ def _segments(checkpoint_steps: list[int], num_steps: int, start_step: int):
 def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult:
     """Exact scores d phi_k / d w_i for the targets, from the run held by ``store``."""
     stored_backend = store.get_attr("step_backend")
-    if stored_backend and stored_backend != recipe.step_backend:
+    step_backend = recipe.runtime.step_backend
+    if stored_backend and stored_backend != step_backend:
         raise ReplayError(f"the run was trained with the {stored_backend} step kernels but this "
-                          f"process has {recipe.step_backend}; replay where it was trained or retrain with --force")
+                          f"process has {step_backend}; replay where it was trained or retrain with --force")
     slots_steps = [int(s) for s in store.checkpoint_steps()]
     if any(s < 0 for s in slots_steps):
         raise ReplayError(f"run store {store.path} has uncommitted checkpoints; finish training first")
@@ -308,15 +315,18 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     values, theta_bar, b_bar = measurement_grads(recipe, final_params, final_buffers, targets, kind)
-    m_bar = torch.zeros_like(theta_bar)
+    opt = recipe.optimizer
+    # the optimizer state's adjoint (SGD: momentum's; Adam: both moments')
+    state_bar = theta_bar.new_zeros(theta_bar.shape[0], opt.state_size(theta_bar.shape[1]))
     g_bar = torch.empty_like(theta_bar)
     pending_hvp = None
     # b_{t+1} = (1 - rho_l) b_t + rho_l s_t(theta_t) per layer l: b_bar_t = (1 - rho_l) b_bar_{t+1}
     # elementwise (the rho_l J^T b_bar term is in step_vjp, through b_{t+1}'s own graph).
     decay = recipe.model.buffer_decay
     scores = torch.zeros(len(targets), recipe.num_train, dtype=torch.float64, device=recipe.device)
-    start = recipe.cfg.replay.start_step
-    cfg_t = recipe.cfg.train
+    start = recipe.plan.start_step
+    batches = recipe.plan.indices
+    keep_state = opt.needs_step_values  # Adam's adjoint reads each step's moments
     ones = recipe.ones()
     segments = _segments(slots_steps, recipe.num_steps, start)
     total = sum(end - max(begin, start) for begin, end, _ in segments)
@@ -331,19 +341,21 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
             state = recipe.stored_state(checkpoint)
             # copies: the rebuild advances state in place
             stored = _stored_parts(state.theta.clone(), state.buffers.clone(),
-                                  state.momentum.clone())
+                                  state.opt_state.clone())
             if every:  # the stored state is theta_t itself: nothing to rebuild
-                states = [(state.step, state.theta, state.buffers)]
+                states = [(state.step, state.theta, state.buffers, state.opt_state)]
             else:
                 states = reverse_states(recipe, state, end, arity, ones, stop=max(begin, start),
-                                        expect_end=next_state)
-            for t, theta_t, buffers_t in states:
-                sgd_adjoint_(theta_bar, m_bar, g_bar, pending_hvp, recipe.model.group_ends,
-                             recipe.lrs[t], recipe.wds, cfg_t.momentum, cfg_t.nesterov,
-                             recipe.adjoint_backend)
+                                        expect_end=next_state, keep_state=keep_state)
+            for t, theta_t, buffers_t, opt_state_t in states:
+                forward = None
+                if keep_state:
+                    forward = StepValues(recipe.gradient(theta_t, buffers_t, t), theta_t,
+                                         opt_state_t)
+                opt.adjoint_(theta_bar, state_bar, g_bar, pending_hvp, t, forward)
                 pending_hvp, wgrad = step_vjp(recipe, theta_t, buffers_t, t, g_bar, b_bar)
                 b_bar.mul_(decay)
-                scores[:, recipe.indices[t]] += wgrad.to(torch.float64)
+                scores[:, batches[t]] += wgrad.to(torch.float64)
                 advance()
             next_state = stored
     del ones

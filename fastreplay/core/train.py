@@ -73,7 +73,7 @@ def window_start(recipe: Recipe, store) -> TrainState:
     begin: every earlier step is shared by all of them, so it is not recomputed M times. Taken
     from the last stored checkpoint at or before it (stepped on with w = 1), or from the
     initialisation when the checkpoints were cleaned."""
-    start = recipe.cfg.replay.start_step
+    start = recipe.plan.start_step
     state = recipe.init_state()
     if start > 0 and store.status != "cleaned":
         steps = [int(s) for s in store.checkpoint_steps()]
@@ -99,6 +99,7 @@ def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
     store.allocate(num_steps=recipe.num_steps, batch_size=recipe.cfg.train.batch_size,
                    num_groups=len(m.group_ends), num_checkpoints=len(steps),
                    num_params=m.num_params, num_buffers=m.num_buffers,
+                   state_size=recipe.optimizer.state_size(m.num_params),
                    dtype=recipe.cfg.train.dtype)
     committed = store.checkpoint_steps()
     prefix = 0  # slots 0..prefix-1 committed: resume from the last of them
@@ -108,7 +109,7 @@ def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
         state = recipe.stored_state(store.read_checkpoint(prefix - 1))
         log.info("resuming training from the checkpoint at step %d", state.step)
     else:
-        store.write_schedule(recipe.indices_np.astype(np.int32), recipe.lrs)
+        store.write_schedule(recipe.plan.indices_np.astype(np.int32), recipe.optimizer.lrs)
         state = recipe.init_state()
     store.status = "training"
     slot_of = {s: i for i, s in enumerate(steps)}
@@ -119,7 +120,7 @@ def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
         slot = slot_of.get(st.step)
         if slot is not None and slot >= prefix:
             watch.check()  # never commit a diverged state (one sync per checkpoint)
-            store.write_checkpoint(slot, st.step, st.theta, st.momentum, st.buffers)
+            store.write_checkpoint(slot, st.step, st.theta, st.opt_state, st.buffers)
 
     if recipe.device.type == "cuda":
         torch.cuda.synchronize()

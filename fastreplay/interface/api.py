@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import RunConfig, score_name, to_toml
+from ..config import RunConfig, score_name, to_toml, with_values
 from ..core.measure import measure
 from ..core.recipe import ModelFactory, Recipe
 from ..core.replay import replay
@@ -172,12 +172,12 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
                                  "--run-dir or --force to discard it")
             check_inputs(recipe, store)
         else:
-            store = RunStore.create(path, cfg.to_dict(), cfg.fingerprint(), versions(),
-                                    attrs={"step_backend": recipe.step_backend,
+            store = RunStore.create(path, recipe.cfg.to_dict(), cfg.fingerprint(), versions(),
+                                    attrs={"step_backend": recipe.runtime.step_backend,
                                            INPUTS_ATTR: inputs_fingerprint(recipe)})
             store.lock = lock
             crash_point("store_created")
-        write_text_atomic(Path(run_dir) / "config.toml", to_toml(cfg))
+        write_text_atomic(Path(run_dir) / "config.toml", config_text(recipe))
         if store.status in ("trained", "cleaned"):
             log.info("reusing the trained run in %s", path)
             return recipe, store
@@ -310,6 +310,12 @@ def _magic_outputs(recipe: Recipe, store: RunStore, cfg: RunConfig, targets: lis
     return result
 
 
+def config_text(recipe: Recipe) -> str:
+    """The resolved config saved as RUN_DIR/config.toml, saying which keys the task leaves
+    unread."""
+    return to_toml(recipe.cfg, recipe.unused_keys)
+
+
 def renderer(recipe: Recipe):
     """example inputs -> an image to plot: images as they are, other data through the task's
     ``show``; None when there is no way to draw them."""
@@ -372,7 +378,7 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
         cfg = config_from_dict(store.config)
         if join_torchrun:  # under torchrun this rank works on cuda:LOCAL_RANK (or the CPU)
             from ..distributed import init_from_env
-            cfg.device = init_from_env(cfg.device)
+            cfg = with_values(cfg, {"device": init_from_env(cfg.device)})
         recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory, task=task)
         check_inputs(recipe, store)
         load_final(recipe, store)  # refuses unfinished runs with a clear message

@@ -13,7 +13,7 @@ import numpy as np
 import typer
 from rich.markup import escape
 
-from ..config import PRESETS, load_config, to_toml
+from ..config import PRESETS, load_config, to_toml, with_values
 from ..exceptions import ConfigError, FastReplayError
 from ..progress import LEVELS, log, setup_logging
 from ..store.paths import require_path_text, resolve_store_url
@@ -132,7 +132,7 @@ def magic(
         raise ConfigError(f"--scores-out {scores_out} is a directory; name a file in it, e.g. "
                           f"{scores_out / 'scores.npy'}")
     user_task = _load_task(task)
-    cfg.device = init_from_env(cfg.device)  # under torchrun: this rank's device
+    cfg = with_values(cfg, {"device": init_from_env(cfg.device)})  # under torchrun: this rank's
     num_test = len(user_task.data.test_y) if user_task else _num_test(cfg, download)
     ids = parse_targets(targets, num_test)
     res = run_magic(cfg, ids, run_dir, force=force, download=download,
@@ -287,7 +287,7 @@ def _check_bench_device(device: str) -> None:
     import torch
 
     from ..config import DEVICE_NAME
-    from ..core.recipe import resolve_device
+    from ..core.runtime import resolve_device
 
     if device == "auto" or not DEVICE_NAME.fullmatch(device):
         raise ConfigError(f"--device {device!r}: use cpu, cuda or cuda:N")
@@ -315,7 +315,7 @@ def bench(
 
     if what == "kernels":
         out = bench_kernels(device, targets=ks)
-        rows = out["rows"]
+        rows = out["rows"] + [{"optimizer": "adam", **r} for r in out["adam_rows"]]
     else:
         out = bench_replay(_config(preset, config, (set_ or []) + [f"device={device}"]), targets=max(ks))
         rows = [out]

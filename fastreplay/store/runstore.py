@@ -282,8 +282,11 @@ class RunStore:
         return True
 
     def allocate(self, *, num_steps: int, batch_size: int, num_groups: int, num_checkpoints: int,
-                 num_params: int, num_buffers: int, dtype: str) -> None:
-        """Create every fixed-shape array; a no-op for arrays that already exist with these shapes."""
+                 num_params: int, num_buffers: int, dtype: str,
+                 state_size: int | None = None) -> None:
+        """Create every fixed-shape array; a no-op for arrays that already exist with these shapes.
+        ``state_size``: length of the optimizer state, stored as checkpoints/momentum (SGD's
+        momentum: num_params, the default; Adam's two moments: 2 num_params)."""
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         T, K, P, Q = num_steps, num_checkpoints, num_params, num_buffers
@@ -294,7 +297,8 @@ class RunStore:
         fresh = "checkpoints/params" not in self._group
         self._require("checkpoints/step", (K,), "int64", (1,), fill=-1)
         self._require("checkpoints/committed", (K,), "bool", (1,), fill=False)
-        for name, n in (("params", P), ("momentum", P), ("buffers", Q)):
+        S = P if state_size is None else state_size
+        for name, n in (("params", P), ("momentum", S), ("buffers", Q)):
             self._require(f"checkpoints/{name}", (K, n), dtype, (1, n))
         # crc32 of each committed row's params, momentum, buffers and step, checked on read.
         self._require("checkpoints/checksum", (K, 4), "int64", (1, 4), fill=_NO_CRC)

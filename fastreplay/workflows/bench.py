@@ -1,6 +1,7 @@
 """`fastreplay bench kernels|replay`: our fast paths against the pure-PyTorch reference paths.
 
-kernels: the fused optimizer adjoint against the best pure-PyTorch path.
+kernels: the fused optimizer adjoint against the best pure-PyTorch path (SGD), and the fused
+Adam step and adjoint against the pure-PyTorch reference.
 The reference here is the fastest eager formulation we know: torch._foreach_* over the
 per-parameter tensors (what torch.optim's foreach SGD does), K measurements as a leading dim.
 Bandwidth counts the bytes the adjoint must move: read theta_bar, m_bar, hvp; write theta_bar,
@@ -13,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..config import with_values
 from ..core import kernels
 from ..core.optim import group_slices
 
@@ -105,7 +107,49 @@ def bench_kernels(device: str = "cuda", num_params: int = 6_573_120, targets=(1,
             row["speedup_vs_foreach"] = row["foreach_s"] / row["fused_s"]
             row["fraction_of_copy_bw"] = row["fused_GBps"] / row["copy_GBps"]
         out["rows"].append(row)
+    out["adam_rows"] = _bench_adam(dev, dtype, num_params, group_ends, lrs, wds, targets)
     return out
+
+
+def _bench_adam(dev: torch.device, dtype, num_params: int, group_ends, lrs, wds,
+                targets) -> list[dict]:
+    """The fused Adam step (one run) and adjoint (K measurements) against the pure-PyTorch
+    reference. Bytes: the step reads theta, m, v, grad and writes theta, m, v; the adjoint
+    reads theta_bar, hvp, m_bar, v_bar and writes them and g_bar for each measurement, and
+    reads the step's grad, theta, m, v once."""
+    from ..core.optim import AdamHyper
+    hyper = AdamHyper(0.9, 0.999, 1e-8, 1e-8, True)
+    p = num_params
+    theta, grad = (torch.randn(p, device=dev, dtype=dtype) for _ in range(2))
+    state = torch.randn(2 * p, device=dev, dtype=dtype).abs_()
+    rows = []
+    size = theta.element_size()
+    step_row = {"op": "step", "bytes": 7 * p * size}
+    fns = {"fused": lambda: kernels.adam_step_(theta, state, grad, group_ends, lrs, wds, hyper,
+                                               10, "fused"),
+           "reference": lambda: kernels.adam_step_(theta, state, grad, group_ends, lrs, wds,
+                                                   hyper, 10, "reference")}
+    rows.append(_timed_row(step_row, fns, dev))
+    for k in targets:
+        tb, gb, hv = (torch.randn(k, p, device=dev, dtype=dtype) for _ in range(3))
+        sb = torch.randn(k, 2 * p, device=dev, dtype=dtype)
+        row = {"op": "adjoint", "targets": k, "bytes": (9 * k + 4) * p * size}
+        fns = {name: (lambda name=name: kernels.adam_adjoint_(
+                   tb, sb, gb, hv, grad, theta, state, group_ends, lrs, wds, hyper, 10, name))
+               for name in ("fused", "reference")}
+        rows.append(_timed_row(row, fns, dev))
+    return rows
+
+
+def _timed_row(row: dict, fns: dict, dev: torch.device) -> dict:
+    for name, fn in fns.items():
+        if name == "fused" and not kernels._fused_available(dev):
+            continue
+        row[f"{name}_s"] = _time(fn, dev)
+        row[f"{name}_GBps"] = row["bytes"] / row[f"{name}_s"] / 1e9
+    if "fused_s" in row:
+        row["speedup_vs_reference"] = row["reference_s"] / row["fused_s"]
+    return row
 
 
 def _eager_nn_step(cfg, device: torch.device):
@@ -139,10 +183,8 @@ def _eager_nn_step(cfg, device: torch.device):
 def replay_variant(cfg, variant: str):
     """``cfg`` with the replay step of ``variant``: an hvp mode, "+compile" for replay.compile
     (e.g. "forward-vmap+compile"); what the benchmarks/ probes take on their command lines."""
-    import dataclasses
     hvp, _, compiled = variant.partition("+")
-    return dataclasses.replace(cfg, replay=dataclasses.replace(
-        cfg.replay, hvp=hvp, compile=compiled == "compile"))
+    return with_values(cfg, {"replay.hvp": hvp, "replay.compile": compiled == "compile"})
 
 
 def _timed_once(fn, device: torch.device) -> float:
@@ -160,10 +202,9 @@ def bench_replay(cfg, targets: int = 4, steps: int = 5) -> dict:
     torch.nn), reference and fast replay step (optimizer adjoint + H v + weight term) with their
     ratios, the training run with and without checkpoint streaming, real replays of 1 and K
     measurements over the configured window against the training run, disk and peak memory."""
-    import dataclasses
     import tempfile
 
-    from ..core.kernels import sgd_adjoint_
+    from ..core.optimizers import StepValues
     from ..core.recipe import Recipe
     from ..core.replay import hvp_mode, replay, step_vjp
     from ..core.train import train, train_into_store
@@ -180,35 +221,34 @@ def bench_replay(cfg, targets: int = 4, steps: int = 5) -> dict:
 
     out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "params": recipe.model.num_params, "steps": recipe.num_steps,
-           "replayed_steps": recipe.num_steps - cfg.replay.start_step,
+           "replayed_steps": recipe.num_steps - recipe.plan.start_step,
            "tf32": cfg.train.tf32, "bf16": cfg.train.bf16,
            "channels_last": cfg.train.channels_last, "compile": cfg.replay.compile,
            "train_step_s": _time(one_step, dev, reps=steps, warm=2),
            "eager_nn_train_step_s": _time(_eager_nn_step(cfg, dev), dev, reps=steps, warm=2)}
     # The faster of the two training steps: a slow training step must not flatter a ratio.
     denominator = min(out["train_step_s"], out["eager_nn_train_step_s"])
-    fast_cfg = cfg
-    ref_cfg = dataclasses.replace(cfg, replay=dataclasses.replace(cfg.replay, hvp="reverse",
-                                                                  backend="reference"))
+    # The reference step: double backward and the pure-PyTorch adjoint (same run otherwise).
+    reference = Recipe(with_values(cfg, {"replay.hvp": "reverse", "replay.backend": "reference"}))
     for k in sorted({1, targets}):
         g_bar = torch.randn(k, recipe.model.num_params, device=dev, dtype=recipe.dtype)
         b_bar = torch.randn(k, recipe.model.num_buffers, device=dev, dtype=recipe.dtype)
-        t_bar, m_bar, g_out = g_bar.clone(), torch.randn_like(g_bar), torch.empty_like(g_bar)
+        t_bar, g_out = g_bar.clone(), torch.empty_like(g_bar)
+        m_bar = torch.randn(k, recipe.optimizer.state_size(recipe.model.num_params), device=dev,
+                            dtype=recipe.dtype)
         hvp = torch.randn_like(g_bar)
-        cfg_t = cfg.train
-        for name, c in (("reference", ref_cfg), ("fast", fast_cfg)):
-            recipe.cfg = c
-            backend = "reference" if name == "reference" else recipe.adjoint_backend
-
-            def reverse_step():
-                sgd_adjoint_(t_bar, m_bar, g_out, hvp, recipe.model.group_ends, recipe.lrs[0],
-                             recipe.wds, cfg_t.momentum, cfg_t.nesterov, backend)
-                step_vjp(recipe, state.theta, state.buffers, 0, g_out, b_bar)
+        for name, r in (("reference", reference), ("fast", recipe)):
+            def reverse_step(r=r):
+                values = None
+                if r.optimizer.needs_step_values:  # Adam: the step's gradient and moments
+                    values = StepValues(r.gradient(state.theta, state.buffers, 0), state.theta,
+                                        state.opt_state)
+                r.optimizer.adjoint_(t_bar, m_bar, g_out, hvp, 0, values)
+                step_vjp(r, state.theta, state.buffers, 0, g_out, b_bar)
             # The first call alone: it includes building (with replay.compile, compiling) the step.
             out[f"{name}_replay_step_K{k}_first_s"] = _timed_once(reverse_step, dev)
             out[f"{name}_replay_step_K{k}_s"] = _time(reverse_step, dev, reps=steps, warm=1)
-            out[f"{name}_hvp_K{k}"] = hvp_mode(recipe, k)
-        recipe.cfg = cfg
+            out[f"{name}_hvp_K{k}"] = hvp_mode(r, k)
         out[f"fast_vs_reference_K{k}"] = (out[f"reference_replay_step_K{k}_s"]
                                           / out[f"fast_replay_step_K{k}_s"])
         # A reverse step also rebuilds its state (one training step): whole-run replay cost of
@@ -218,8 +258,8 @@ def bench_replay(cfg, targets: int = 4, steps: int = 5) -> dict:
 
     out["train_run_s"] = _timed_once(lambda: train(recipe), dev)
     with tempfile.TemporaryDirectory() as tmp:
-        store = RunStore.create(f"{tmp}/run.zarr", cfg.to_dict(), cfg.fingerprint(), versions(),
-                                attrs={"step_backend": recipe.step_backend})
+        store = RunStore.create(f"{tmp}/run.zarr", recipe.cfg.to_dict(), cfg.fingerprint(),
+                                versions(), attrs={"step_backend": recipe.runtime.step_backend})
         out["train_run_streaming_s"] = _timed_once(lambda: train_into_store(recipe, store), dev)
         out["store_bytes"] = store.nbytes_on_disk()
         out["streaming_slowdown"] = out["train_run_streaming_s"] / out["train_run_s"] - 1

@@ -130,7 +130,7 @@ def _probe_runs(recipe: Recipe, start, baseline, perturbed: torch.Tensor):
     runs = train_many(recipe, perturbed, start=start)
     return TrainState(*(torch.cat([getattr(baseline, k)[None].to(getattr(runs, k).device),
                                    getattr(runs, k)])
-                        for k in ("theta", "momentum", "buffers")), runs.step)
+                        for k in ("theta", "opt_state", "buffers")), runs.step)
 
 
 def _scores_for(recipe: Recipe, store, targets: Optional[list[int]]):
