@@ -6,12 +6,17 @@ BatchNorm running statistics carried exactly through the replay. CIFAR-10 is rea
 ``$CIFAR_ROOT`` (the standard ``cifar-10-batches-py`` directory; ``fastreplay magic --download``
 with a preset fetches it once).
 
-On a CPU (``make_task``: the first 5,000 training and 1,000 test images, halved to 16x16):
+On a CPU (``make_task``: the first 5,000 training and 1,000 test images, halved to 16x16),
+about a minute for ``magic`` and three for ``lds`` on 2 cores (``OMP_NUM_THREADS=1``):
 
     python -m fastreplay magic --preset test --config examples/cifar_cnn.toml \
-        --task examples/cifar_cnn.py:make_task --targets 0:4 --run-dir runs/cifar-cnn
+        --task examples/cifar_cnn.py:make_task --targets 0:2 --run-dir runs/cifar-cnn
     python -m fastreplay lds --run-dir runs/cifar-cnn --task examples/cifar_cnn.py:make_task \
         --models 16 --keep 0.99
+
+Measured there: 50.4% test accuracy, training 10-15 s, replay 27 s per target, and the
+whole-run scores predict retraining: LDS 0.95 [0.91, 1.03] on test 0..1 and 0.89 [0.76, 1.06]
+on test 100..101 (keep 0.99, weight removal, 16 models, bias-corrected jackknife interval).
 
 On a GPU at full size (``make_full_task``: all 50,000 / 10,000 images at 32x32), the same commands with
 ``--task examples/cifar_cnn.py:make_full_task --set device=cuda --set train.dtype=float32``.

@@ -38,6 +38,10 @@ class DataConfig:
     augment: bool = True
     """Random crop (padding ``crop_padding``) and horizontal flip, a pure function of (seed, step, position)."""
     crop_padding: int = 2
+    label_noise: float = 0.0
+    """Fraction of training labels flipped to another class (a pure function of
+    data.label_noise_seed): a benchmark for finding harmful data (`fastreplay debug`)."""
+    label_noise_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,10 @@ class TrainConfig:
 class MeasureConfig:
     kind: str = "loss"
     """loss (cross-entropy of the target in eval mode) or margin (correct logit minus logsumexp of the others)."""
+    reduce: str = "none"
+    """none: one measurement (and one row of scores) per target; mean: one measurement, the
+    mean over the targets (a group: the whole test set, a class, a slice), and one row of scores
+    for it, stored under the group's name (score_name)."""
     tta: str = "none"
     """Test-time augmentation of the reported test ACCURACY only: none, or flip (average the
     logits of each image and its horizontal mirror). Measurements, and so scores, never use
@@ -198,7 +206,8 @@ SECTIONS = ("data", "model", "train", "measure", "replay")
 
 KEYS_ADDED_LATER = (("train", "bf16"), ("train", "lr_convention"), ("model", "lse_eps"),
                     ("model", "inner_pool"), ("train", "optimizer"), ("train", "beta1"),
-                    ("train", "beta2"), ("train", "eps"), ("train", "eps_root"))
+                    ("train", "beta2"), ("train", "eps"), ("train", "eps_root"),
+                    ("data", "label_noise"), ("data", "label_noise_seed"))
 """Trajectory keys the fingerprint leaves out while they hold their defaults."""
 
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
@@ -219,6 +228,7 @@ INT_LIMITS: dict[str, tuple[int, int, str]] = {
     "data.image_size": (4, 256, ""),
     "data.num_classes": (2, 1000, ""),
     "data.crop_padding": (0, 255, ""),
+    "data.label_noise_seed": (0, SEED_MAX, ""),
     "model.hidden": (1, 65_536, ""),
     "train.epochs": (1, 1000, ""),
     "train.batch_size": (2, 65_536, "BatchNorm needs two examples"),
@@ -400,6 +410,8 @@ def validate(cfg: RunConfig) -> RunConfig:
          "train.bf16 mixes bfloat16 into a float32 run; add --set train.dtype=float32")
     need(cfg.measure.kind in ("loss", "margin"), f"measure.kind={cfg.measure.kind!r}: use loss or margin")
     need(cfg.measure.tta in ("none", "flip"), "measure.tta must be none or flip")
+    need(cfg.measure.reduce in ("none", "mean"), "measure.reduce must be none or mean")
+    need(0 <= cfg.data.label_noise < 1, "data.label_noise must be in [0, 1)")
     r = cfg.replay
     need(r.window_epochs >= 0, "replay.window_epochs must be >= 0 (0 = no window)")
     need(r.window_epochs == 0 or r.start_step == 0,
@@ -478,11 +490,13 @@ def with_values(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
     return validate(dataclasses.replace(cfg, **top))
 
 
-def score_name(cfg: RunConfig) -> str:
+def score_name(cfg: RunConfig, group: str | None = None) -> str:
     """Where a run's scores live in its store: the measurement kind, plus the attribution window
-    when there is one (scores of different windows are different quantities)."""
+    when there is one (scores of different windows are different quantities); a group's
+    (measure.reduce=mean) under its own name, so that several groups live side by side."""
     kind, start = cfg.measure.kind, cfg.replay.start_step
-    return kind if start == 0 else f"{kind}_from{start}"
+    name = kind if group is None else f"{kind}_mean_{group}"
+    return name if start == 0 else f"{name}_from{start}"
 
 
 def config_from_dict(d: dict) -> RunConfig:

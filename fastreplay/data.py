@@ -133,7 +133,26 @@ def load_data(cfg: RunConfig, download: bool = False) -> ImageData:
         data.test_x, data.test_y = data.test_x[:d.num_test], data.test_y[:d.num_test]
     if data.train_y.max() >= d.num_classes or data.train_y.min() < 0:
         raise DataError(f"labels outside [0, {d.num_classes}); check data.num_classes")
+    if d.label_noise > 0:
+        data.train_y = flip_labels(data.train_y, d.label_noise, d.num_classes, d.label_noise_seed)
     return data
+
+
+def flipped_examples(num_train: int, fraction: float, seed: int) -> np.ndarray:
+    """The training ids whose labels data.label_noise flips: round(fraction N) of them, a pure
+    function of (N, fraction, seed)."""
+    rng = np.random.default_rng([seed, 2])
+    return np.sort(rng.choice(num_train, size=round(fraction * num_train), replace=False))
+
+
+def flip_labels(labels: np.ndarray, fraction: float, num_classes: int, seed: int) -> np.ndarray:
+    """A copy of ``labels`` with the flipped_examples moved to another class, drawn uniformly
+    from the other num_classes - 1 (reproducibly)."""
+    out = labels.copy()
+    ids = flipped_examples(len(labels), fraction, seed)
+    shift = np.random.default_rng([seed, 3]).integers(1, num_classes, size=len(ids))
+    out[ids] = (out[ids] + shift) % num_classes
+    return out
 
 
 def check_image_data(data: ImageData, num_classes: int) -> ImageData:

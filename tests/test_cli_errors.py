@@ -420,6 +420,7 @@ def _sweep_base(command: str, scored: Path, empty: Path) -> list[str]:
         "lds": ["--run-dir", str(scored), "--models", "3", "--models-per-batch", "3", "--keep",
                 "0.5", "--no-plots"],
         "smoothness": ["--run-dir", str(scored), "--keep", "0.5"],
+        "debug": ["--run-dir", str(scored), "--group", "0:2", "--top", "2", "--no-plots"],
         # seed=-1 fails once the options are checked, so no benchmark ever runs
         "bench": ["replay", "--device", "cpu", "--targets", "1", "--preset", "test",
                   "--set", "seed=-1"],

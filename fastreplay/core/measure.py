@@ -110,3 +110,82 @@ def accuracy(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor, batch: 
             correct += int((logits.argmax(-1) == labels).sum())
             total += labels.numel()
     return correct / max(1, total)
+
+
+GROUP_CHUNK = 256
+"""Test examples per forward pass of a group measurement: fixed, so that a group's gradient is
+the same whatever else runs (kernels may block differently by batch size)."""
+
+
+def group_measurement_grads(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor,
+                            members: list[int], kind: str):
+    """The mean measurement over ``members`` (one group, measure.reduce=mean) as one row:
+    (value (1,), d phi/d theta (1, P), d phi/d buffers (1, Q))."""
+    theta = theta.detach().requires_grad_(True)
+    buffers = buffers.detach().requires_grad_(buffers.numel() > 0)
+    inputs = (theta, buffers) if buffers.requires_grad else (theta,)
+    total = torch.zeros((), dtype=theta.dtype, device=theta.device)
+    g_theta, g_buf = torch.zeros_like(theta), torch.zeros_like(buffers)
+    for lo in range(0, len(members), GROUP_CHUNK):
+        idx = torch.as_tensor(members[lo:lo + GROUP_CHUNK], device=recipe.device)
+        outputs, _ = recipe.model.forward(theta, buffers, recipe.data.test_batch(idx), train=False)
+        chunk = measurement_values(recipe, outputs, recipe.data.test_y[idx], kind).sum()
+        grads = torch.autograd.grad(chunk, inputs)
+        total += chunk.detach()
+        g_theta += grads[0]
+        if len(grads) > 1:
+            g_buf += grads[1]
+    n = len(members)
+    return (total / n)[None], (g_theta / n)[None], (g_buf.detach() / n)[None]
+
+
+def group_name(members: list[int]) -> str:
+    """A stable store name for a set of test examples (other than ``all`` and a class, which
+    resolve_group names itself): its size and a hash of its sorted members."""
+    import hashlib
+    digest = hashlib.blake2b(",".join(map(str, sorted(members))).encode(), digest_size=5)
+    return f"set{len(members)}-{digest.hexdigest()}"
+
+
+def resolve_group(spec: str, recipe: Recipe) -> tuple[str, list[int]]:
+    """``--group`` -> (store name, sorted test ids): ``all`` (the whole test set), ``class:C``
+    (every test example labelled C, a number or a class name), a file of test ids (.npy, or
+    text: whitespace- or comma-separated integers) or a targets spec (0:100, 3,7,9)."""
+    from pathlib import Path
+
+    import numpy as np
+    data = recipe.data
+    num_test = data.num_test
+    if spec == "all":
+        return "all", list(range(num_test))
+    if spec.startswith("class:"):
+        label = spec.split(":", 1)[1]
+        names = list(data.class_names or [])
+        if label in names:
+            c = names.index(label)
+        else:
+            try:
+                c = int(label)
+            except ValueError:
+                raise ConfigError(f"--group {spec!r}: no class {label!r}; use class:N or one of "
+                                  f"{', '.join(names) or 'the class numbers'}") from None
+        labels = data.test_y.cpu().numpy()
+        if labels.ndim != 1:
+            raise ConfigError(f"--group {spec!r}: the test targets are not class labels; give "
+                              "the group as test ids (a file or a targets spec)")
+        members = [int(i) for i in np.flatnonzero(labels == c)]
+        if not members:
+            raise ConfigError(f"--group {spec!r}: no test example has label {c}")
+        return f"class{c}", members
+    path = Path(spec)
+    if path.is_file():
+        try:
+            ids = (np.load(path) if path.suffix == ".npy"
+                   else np.array(path.read_text().replace(",", " ").split(), dtype=np.int64))
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"--group file {spec} is not a list of test ids ({exc}); write "
+                              "integers, one per line or comma-separated, or a .npy array") from None
+        members = parse_targets(",".join(str(int(i)) for i in np.ravel(ids)), num_test)
+        return group_name(members), members
+    members = parse_targets(spec, num_test)
+    return group_name(members), members

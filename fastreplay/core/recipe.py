@@ -66,8 +66,9 @@ class Recipe:
             raise ConfigError("give either a task or model_factory/data, not both: they are "
                               "the task's model and data")
         self.task = check_task(task)
-        self.unused_keys = unused_config_keys(self.task, own_data=data is not None or
-                                              not is_builtin, cfg=cfg)
+        self.builtin_data = is_builtin and data is None
+        """The data come from data.name (so data.label_noise applied, and its flips are known)."""
+        self.unused_keys = unused_config_keys(self.task, own_data=not self.builtin_data, cfg=cfg)
         self.data = device_data(self.task, cfg, self.device, self.dtype)
         self.model = FlatModel(cfg, self.device, self.dtype, self.task.model, self.task.decays)
         self.loss_fn = self.task.loss or cross_entropy(cfg.train.label_smoothing)

@@ -29,7 +29,7 @@ from ..exceptions import ReplayError
 from ..progress import log, progress_bar
 from ..store import Prefetcher
 from .func_limits import first_line, forward_ad_unsupported, names_forward_ad, vmap_unsupported
-from .measure import measurement_grads
+from .measure import group_measurement_grads, measurement_grads
 from .optimizers import StepValues
 from .recipe import Recipe, TrainState
 from .train import run_steps
@@ -300,8 +300,10 @@ def _segments(checkpoint_steps: list[int], num_steps: int, start_step: int):
     return [s for s in reversed(segs) if s[1] > start_step]
 
 
-def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult:
-    """Exact scores d phi_k / d w_i for the targets, from the run held by ``store``."""
+def replay(recipe: Recipe, store, targets: list[int], kind: str,
+           group: bool = False) -> ReplayResult:
+    """Exact scores d phi_k / d w_i for the targets, from the run held by ``store``; with
+    ``group``, one row for phi = the mean measurement over the targets (measure.reduce=mean)."""
     stored_backend = store.get_attr("step_backend")
     step_backend = recipe.runtime.step_backend
     if stored_backend and stored_backend != step_backend:
@@ -314,7 +316,8 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
     if recipe.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    values, theta_bar, b_bar = measurement_grads(recipe, final_params, final_buffers, targets, kind)
+    grads = group_measurement_grads if group else measurement_grads
+    values, theta_bar, b_bar = grads(recipe, final_params, final_buffers, targets, kind)
     opt = recipe.optimizer
     # the optimizer state's adjoint (SGD: momentum's; Adam: both moments')
     state_bar = theta_bar.new_zeros(theta_bar.shape[0], opt.state_size(theta_bar.shape[1]))
@@ -323,7 +326,8 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
     # b_{t+1} = (1 - rho_l) b_t + rho_l s_t(theta_t) per layer l: b_bar_t = (1 - rho_l) b_bar_{t+1}
     # elementwise (the rho_l J^T b_bar term is in step_vjp, through b_{t+1}'s own graph).
     decay = recipe.model.buffer_decay
-    scores = torch.zeros(len(targets), recipe.num_train, dtype=torch.float64, device=recipe.device)
+    scores = torch.zeros(theta_bar.shape[0], recipe.num_train, dtype=torch.float64,
+                         device=recipe.device)
     start = recipe.plan.start_step
     batches = recipe.plan.indices
     keep_state = opt.needs_step_values  # Adam's adjoint reads each step's moments
@@ -335,7 +339,8 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str) -> ReplayResult
     every = recipe.cfg.replay.schedule == "every"
     # Checkpoints are read (and verified) ahead on a background thread while the current
     # segment is rebuilt and replayed: disk time hides behind GPU time.
-    with progress_bar(f"replay {len(targets)} target(s)", total) as advance:
+    what = f"the mean of {len(targets)} target(s)" if group else f"{len(targets)} target(s)"
+    with progress_bar(f"replay {what}", total) as advance:
         checkpoints = Prefetcher(store, [slot for _, _, slot in segments], depth=1)
         for (begin, end, _), (_, checkpoint) in zip(segments, checkpoints):
             state = recipe.stored_state(checkpoint)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..config import RunConfig, score_name, to_toml, with_values
-from ..core.measure import measure
+from ..core.measure import group_name, measure
 from ..core.recipe import ModelFactory, Recipe
 from ..core.replay import replay
 from ..core.train import load_final, train, train_into_store
@@ -264,7 +264,8 @@ def run_magic(cfg: RunConfig, targets: list[int], run_dir: str | Path, force: bo
     if not is_main():
         recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory, task=task)
         store = RunStore.open(store_location(run_dir, store_url))
-        _merge_scores(store, cfg.measure.kind, targets, recipe)
+        if cfg.measure.reduce == "none":  # a group is one pass: rank 0 replays it alone
+            _merge_scores(store, cfg.measure.kind, targets, recipe)
         return None
     try:
         result = _magic_outputs(recipe, store, cfg, targets, run_dir, scores_out, plots)
@@ -279,8 +280,15 @@ def _magic_outputs(recipe: Recipe, store: RunStore, cfg: RunConfig, targets: lis
                    scores_out: Optional[str], plots: bool) -> MagicResult:
     final = load_final(recipe, store)
     kind = cfg.measure.kind
-    scores, seconds, replayed = _merge_scores(store, kind, targets, recipe)
     values = measure(recipe, final.theta, final.buffers, targets, kind).cpu().numpy()
+    if cfg.measure.reduce == "mean":  # one group: one row of scores for the mean measurement
+        name = "all" if len(targets) == recipe.data.num_test else group_name(targets)
+        from ..workflows.debug import score_group
+        row, seconds = score_group(recipe, store, name, targets, kind)
+        scores, values, replayed = row[None], values.mean(keepdims=True), int(seconds > 0)
+        plots = False  # per-target figures do not apply; `fastreplay debug` draws a group's
+    else:
+        scores, seconds, replayed = _merge_scores(store, kind, targets, recipe)
     store.flush()
     result = MagicResult(targets, scores, values, float(store.get_attr("test_accuracy", float("nan"))),
                          store.get_attr("train_seconds"), seconds, replayed, store.nbytes_on_disk(),
@@ -410,6 +418,55 @@ def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], r
             log.info("LDS plot written to %s", path)
     except BaseException:
         store.lock.release()  # measured models stay stored; the next run resumes from them
+        raise
+    store.close()
+    return res
+
+
+def run_debug_command(run_dir, group: str, top: int, remove: int, seed: int, plots: bool = True,
+                      store_url: str | None = None, task: Optional[Task] = None):
+    """`fastreplay debug`: run_debug on the stored run, then RUN_DIR/debug/harm_GROUP.csv (rank,
+    index, label, score, harm for every training example), .json (the summary) and .png."""
+    import csv
+    import io
+
+    from ..workflows.debug import harm, run_debug
+    recipe, store = open_trained(run_dir, store_url=store_url, task=task)
+    try:
+        if remove > recipe.num_train // 2:
+            raise ConfigError(f"--retrain-without {remove} would remove more than half of the "
+                              f"{recipe.num_train} training examples; use at most "
+                              f"{recipe.num_train // 2}")
+        res = run_debug(recipe, store, group, remove, seed)
+        out = Path(run_dir) / "debug"
+        with disk_errors(f"the debug outputs in {out}"):
+            out.mkdir(parents=True, exist_ok=True)
+            harms = harm(res.scores, res.kind)
+            labels = recipe.data.train_y.cpu().numpy()
+            table = io.StringIO()
+            writer = csv.writer(table)
+            writer.writerow(["rank", "index", "label", "score", "harm"])
+            for rank, i in enumerate(res.ranking, start=1):
+                label = labels[i].tolist()
+                writer.writerow([rank, i, label, repr(float(res.scores[i])), repr(float(harms[i]))])
+            stem = out / f"harm_{res.group}"
+            write_text_atomic(stem.with_suffix(".csv"), table.getvalue())
+            res.files.append(str(stem.with_suffix(".csv")))
+            render = renderer(recipe) if plots else None
+            if render is not None:
+                from ..data import flipped_examples
+                from .plots import debug_figure
+                d = recipe.cfg.data
+                flipped = (flipped_examples(recipe.num_train, d.label_noise, d.label_noise_seed)
+                           if res.detection else None)
+                data = recipe.data
+                res.files.append(str(debug_figure(
+                    stem.with_suffix(".png"), res.group, harms, lambda i: render(data.train_x[i]),
+                    labels, data.class_names, flipped, k=min(top, 12))))
+            res.files.append(str(stem.with_suffix(".json")))
+            write_text_atomic(stem.with_suffix(".json"), json.dumps(res.summary(top), indent=2))
+    except BaseException:
+        store.lock.release()
         raise
     store.close()
     return res

@@ -13,7 +13,7 @@ import numpy as np
 import typer
 from rich.markup import escape
 
-from ..config import PRESETS, load_config, to_toml, with_values
+from ..config import PRESETS, SEED_MAX, load_config, to_toml, with_values
 from ..exceptions import ConfigError, FastReplayError
 from ..progress import LEVELS, log, setup_logging
 from ..store.paths import require_path_text, resolve_store_url
@@ -86,7 +86,8 @@ def _interruptible(command: str) -> Callable:
 def _interrupted_message(command: str, args: dict) -> str:
     """magic, lds and train --run-dir keep what they stored and resume from it; the other
     commands store nothing."""
-    if command in ("magic", "lds") or (command == "train" and args.get("run_dir") is not None):
+    if command in ("magic", "lds", "debug") or (command == "train"
+                                                 and args.get("run_dir") is not None):
         where = args.get("store") or args["run_dir"]
         return f"interrupted; rerun the same command to resume (what is stored in {where} is kept)"
     return f"interrupted; `fastreplay {command}` stores nothing: rerun it to start again"
@@ -264,6 +265,44 @@ def lds(
                  "%d models, keep %g, %s removal", res.lds_mean, res.lds_bias_corrected,
                  res.lds_ci[0], res.lds_ci[1], res.ci_method, len(res.per_target["index"]),
                  res.models, res.keep, res.removal)
+
+
+@app.command()
+@_interruptible("debug")
+def debug(
+    run_dir: Annotated[Path, typer.Option(parser=RUN_DIR_PATH, help="Run directory of a trained run (`fastreplay magic` or `train --run-dir`).")],
+    group: Annotated[str, typer.Option(help="Test examples whose mean loss to explain: all, class:C, a file of test ids, or a targets spec such as 0:100.")] = "all",
+    top: Annotated[int, typer.Option(help="How many of the most harmful and most helpful examples to list and draw.")] = 16,
+    retrain_without: Annotated[int, typer.Option(help="Retrain without the K most harmful examples and, as a control, without K random ones, and report the change (0: no retraining).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random control set.")] = 0,
+    plots: Annotated[bool, typer.Option(help="Draw the most harmful and helpful examples.")] = True,
+    store: Store = None, json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
+    task: TaskSpec = None,
+):
+    """Rank every training example by how much it harms a group of test examples (one replay of their mean measurement); write the ranking, a picture and, with --retrain-without, the proof by retraining."""
+    setup_logging(log_level, log_file)
+    from .api import run_debug_command
+
+    if top < 1 or retrain_without < 0 or not 0 <= seed <= SEED_MAX:
+        raise ConfigError("--top must be >= 1, --retrain-without >= 0 and --seed in "
+                          f"0..{SEED_MAX}; e.g. --top 16 --retrain-without 100")
+    res = run_debug_command(run_dir, group, top, retrain_without, seed, plots,
+                            store_url=store, task=_load_task(task))
+    out = res.summary(top)
+    if json_:
+        _echo_json(out)
+        return
+    log.info("group %s (%d test examples): mean %s %.4f; most harmful training examples %s",
+             res.group, res.members, res.kind, res.value, res.ranking[:min(top, 10)])
+    if res.detection:
+        log.info("planted label noise (%d flipped): AUROC %.3f by the scores, %.3f by the final "
+                 "training loss", res.detection["flipped"], res.detection["scores"]["auroc"],
+                 res.detection["training_loss"]["auroc"])
+    for r in res.retrained:
+        log.info("without %s: mean %s %.4f (%+.4f; predicted %+.4f), test accuracy %.2f%%",
+                 r.removed, res.kind, r.value, r.value - res.value, r.predicted_change,
+                 100 * r.accuracy)
+    log.info("written: %s", ", ".join(res.files))
 
 
 MAX_BENCH_TARGETS = 100

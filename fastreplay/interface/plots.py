@@ -66,6 +66,27 @@ def influence_figure(path: str | Path, target: int, target_image: np.ndarray, ta
     return _save(fig, path)
 
 
+def debug_figure(path: str | Path, group: str, harms: np.ndarray, train_image,
+                 train_labels: np.ndarray, class_names, flipped=None, k: int = 8) -> Path:
+    """PNG: the k training examples that most harm the group's mean measurement (top row) and
+    the k that most help it (bottom row), each with its label and harm; with planted label
+    noise, a flipped example is titled red."""
+    order = np.argsort(-harms, kind="stable")
+    rows = {"harmful": order[:k], "helpful": order[::-1][:k]}
+    fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 3.2), squeeze=False)
+    flipped = set() if flipped is None else set(int(i) for i in flipped)
+    for r, (name, idx) in enumerate(rows.items()):
+        for c, i in enumerate(idx):
+            _show(axes[r, c], train_image(i),
+                  f"#{i} {_label(train_labels[i], class_names)}\n{harms[i]:+.2e}",
+                  "red" if int(i) in flipped else "black")
+        axes[r, 0].set_ylabel(name, fontsize=8)
+        axes[r, 0].yaxis.set_visible(True)
+    fig.suptitle(f"Most harmful (top) and helpful (bottom) training examples for group {group}"
+                 + (" (red: flipped label)" if flipped else ""), fontsize=8)
+    return _save(fig, path)
+
+
 def lds_figure(path: str | Path, result, predicted: np.ndarray, measured: np.ndarray,
                show: int = 4) -> Path:
     """Predicted vs measured for the best few measurements, and the histogram of per-target LDS."""

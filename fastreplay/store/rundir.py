@@ -6,6 +6,7 @@ are never touched. What fastreplay writes:
 * ``run.zarr/`` (the store, unless --store puts it elsewhere) and ``.lock``;
 * ``config.toml`` and ``magic_summary.json`` (api.write_text_atomic);
 * ``plots/target_*.png`` (magic) and ``plots/lds_*.png`` (lds);
+* ``debug/harm_GROUP.csv``, ``.json`` and ``.png`` (debug);
 * temporaries a killed process can leave: ``.config.toml.PID.tmp`` and
   ``.magic_summary.json.PID.tmp`` (write_text_atomic), ``.write-probe-PID`` (the writability
   probe, store.check_writable) and ``.run.zarr.creating-PID`` / ``.run.zarr.deleting.ID-PID``
@@ -27,7 +28,10 @@ from .diskio import _remove_stale_temp_dirs
 TEXT_FILES = ("config.toml", "magic_summary.json")
 PLOTS = "plots"
 PLOT_PATTERNS = ("target_*.png", "lds_*.png")
-_TEXT_TEMP = re.compile(r"^\.(?:config\.toml|magic_summary\.json)\.\d+\.tmp$")
+DEBUG = "debug"
+DEBUG_PATTERNS = ("harm_*.csv", "harm_*.json", "harm_*.png")
+_TEXT_TEMP = re.compile(r"^\.(?:config\.toml|magic_summary\.json|harm_[\w.-]+\.(?:csv|json))"
+                        r"\.\d+\.tmp$")
 _PROBE = re.compile(r"^\.write-probe-\d+$")
 
 
@@ -61,13 +65,14 @@ def remove_run_files(run_dir) -> list[str]:
     run_dir = Path(run_dir)
     for name in TEXT_FILES:
         _remove_file(run_dir / name)
-    plots = run_dir / PLOTS
-    if _is_real_dir(plots):
-        for pattern in PLOT_PATTERNS:
-            for path in plots.glob(pattern):
-                _remove_file(path)
-        with contextlib.suppress(OSError):
-            plots.rmdir()  # only when empty: the user's own plots stay
+    for folder, patterns in ((PLOTS, PLOT_PATTERNS), (DEBUG, DEBUG_PATTERNS)):
+        sub = run_dir / folder
+        if _is_real_dir(sub):
+            for path in sub.iterdir():
+                if any(path.match(p) for p in patterns) or _TEXT_TEMP.match(path.name):
+                    _remove_file(path)
+            with contextlib.suppress(OSError):
+                sub.rmdir()  # only when empty: the user's own files stay
     for path in run_dir.iterdir():
         if _TEXT_TEMP.match(path.name) or _PROBE.match(path.name):
             _remove_file(path)

@@ -1,0 +1,172 @@
+"""`fastreplay debug`: which training examples hurt a group of test examples, from one replay.
+
+The measurement is the group's mean test loss (or margin), measure.reduce=mean; its exact
+scores rank every training example by how much up-weighting it worsens the group ("harm"). The
+ranking is written as a table, drawn, optionally checked against planted label noise
+(data.label_noise), and optionally proved by retraining without the top K harmful examples
+against K random ones.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from scipy.stats import mannwhitneyu
+
+from ..config import score_name
+from ..core.measure import accuracy, measure, resolve_group
+from ..core.recipe import Recipe
+from ..core.replay import replay
+from ..core.train import load_final, train
+from ..exceptions import StoreError
+from ..progress import log
+from ..store import RunStore
+
+
+def harm(scores: np.ndarray, kind: str) -> np.ndarray:
+    """How much up-weighting each training example worsens the group: its score for a loss
+    (lower is better), minus its score for a margin (higher is better)."""
+    return scores if kind == "loss" else -scores
+
+
+def auroc(values: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve of ``values`` ranking the ``positives`` (bool) first: the
+    Mann-Whitney U statistic over (positives x negatives)."""
+    pos, neg = values[positives], values[~positives]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
+
+
+def precision_at(values: np.ndarray, positives: np.ndarray, k: int) -> float:
+    top = np.argsort(-values, kind="stable")[:k]
+    return float(positives[top].mean()) if k else float("nan")
+
+
+@dataclass
+class Retraining:
+    """The group's mean measurement and the test accuracy after retraining without K examples."""
+    removed: str
+    value: float
+    accuracy: float
+    predicted_change: float
+    """-(sum of the removed examples' scores): the first-order prediction of value - original."""
+
+
+@dataclass
+class DebugResult:
+    group: str
+    members: int
+    kind: str
+    value: float
+    """The group's mean measurement of the trained run."""
+    accuracy: float
+    ranking: list[int]
+    """Training ids, most harmful first."""
+    scores: np.ndarray = field(repr=False)
+    detection: Optional[dict] = None
+    retrained: list[Retraining] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def summary(self, top: int) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("scores", "ranking")}
+        out["most_harmful"] = self.ranking[:top]
+        out["most_helpful"] = self.ranking[::-1][:top]
+        return out
+
+
+def training_losses(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor,
+                    batch: int = 1000) -> np.ndarray:
+    """Each training example's loss at the final state, in eval mode, unaugmented: the first
+    thing a user would sort by."""
+    data, out = recipe.data, []
+    with torch.no_grad():
+        for lo in range(0, data.num_train, batch):
+            idx = torch.arange(lo, min(lo + batch, data.num_train), device=recipe.device)
+            x = data.normalize(data.train_x[idx]) if data.images else data.train_x[idx]
+            outputs, _ = recipe.model.forward(theta, buffers, x, train=False)
+            out.append(recipe.loss_fn(outputs, data.train_y[idx]).cpu())
+    return torch.cat(out).double().numpy()
+
+
+def detection(recipe: Recipe, harms: np.ndarray, final, flipped: np.ndarray) -> dict:
+    """How well the harm ranking finds the planted flipped labels, against the final training
+    loss as a baseline: AUROC and precision at the number flipped."""
+    positives = np.zeros(recipe.num_train, dtype=bool)
+    positives[flipped] = True
+    k = int(positives.sum())
+    losses = training_losses(recipe, final.theta, final.buffers)
+    return {"flipped": k,
+            "scores": {"auroc": auroc(harms, positives), f"precision_at_{k}": precision_at(harms, positives, k)},
+            "training_loss": {"auroc": auroc(losses, positives),
+                              f"precision_at_{k}": precision_at(losses, positives, k)}}
+
+
+def retrain_without(recipe: Recipe, members: list[int], kind: str, scores: np.ndarray,
+                    removed: np.ndarray, what: str) -> Retraining:
+    w = torch.ones(recipe.num_train, dtype=recipe.dtype, device=recipe.device)
+    w[torch.as_tensor(removed, device=recipe.device)] = 0
+    log.info("retraining without %d examples (%s)", len(removed), what)
+    state = train(recipe, w)
+    value = float(measure(recipe, state.theta, state.buffers, members, kind).mean())
+    return Retraining(what, value, accuracy(recipe, state.theta, state.buffers),
+                      float(-scores[removed].sum()))
+
+
+def score_group(recipe: Recipe, store: RunStore, name: str, members: list[int],
+                kind: str) -> tuple[np.ndarray, float]:
+    """Scores (N,) of the mean ``kind`` measurement over the test examples ``members`` (a
+    group named ``name``) and the replay seconds: read from the store when it holds them, else
+    replayed in one pass and stored as scores/<kind>_mean_<name> (one row, id 0, with the
+    members in its attributes)."""
+    array = score_name(recipe.cfg, group=name)
+    if array in store.score_names():
+        rows, attrs = store.read_scores(array)
+        if attrs.get("members") == list(members):
+            log.info("group %s already scored in the store", name)
+            return rows[0], 0.0
+        raise StoreError(f"{store.path} holds a group {name!r} with other members; name the "
+                         "group differently or clean the scores (fastreplay clean --what scores)")
+    if store.status == "cleaned":
+        raise StoreError(f"the checkpoints of {store.path} were cleaned, so group {name!r} cannot "
+                         "be replayed; rerun with --force to retrain")
+    res = replay(recipe, store, members, kind, group=True)
+    store.append_scores(array, res.scores, [0], kind,
+                        {"start_step": recipe.cfg.replay.start_step, "group": name,
+                         "members": list(members)})
+    log.info("replayed the mean %s over %d test example(s) (group %s) in %.1fs", kind,
+             len(members), name, res.seconds)
+    return res.scores[0], res.seconds
+
+
+def run_debug(recipe: Recipe, store, group: str = "all", remove: int = 0,
+              seed: int = 0) -> DebugResult:
+    """Score the group (or read its stored scores), rank, check against planted label noise
+    (builtin data with data.label_noise > 0), and retrain without the ``remove`` most harmful
+    examples and without ``remove`` random ones."""
+    from ..data import flipped_examples
+    kind = recipe.cfg.measure.kind
+    name, members = resolve_group(group, recipe)
+    scores, _ = score_group(recipe, store, name, members, kind)
+    final = load_final(recipe, store)
+    value = float(measure(recipe, final.theta, final.buffers, members, kind).mean())
+    harms = harm(scores, kind)
+    ranking = [int(i) for i in np.argsort(-harms, kind="stable")]
+    res = DebugResult(name, len(members), kind, value,
+                      accuracy(recipe, final.theta, final.buffers), ranking, scores)
+    d = recipe.cfg.data
+    if d.label_noise > 0 and recipe.builtin_data:  # the flips are known
+        res.detection = detection(recipe, harms, final,
+                                  flipped_examples(recipe.num_train, d.label_noise,
+                                                   d.label_noise_seed))
+    if remove:
+        rng = np.random.default_rng([seed, 4])
+        res.retrained = [
+            retrain_without(recipe, members, kind, scores, np.asarray(ranking[:remove]),
+                            f"top {remove} harmful"),
+            retrain_without(recipe, members, kind, scores,
+                            rng.choice(recipe.num_train, size=remove, replace=False),
+                            f"{remove} random (seed {seed})")]
+    return res
