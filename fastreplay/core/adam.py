@@ -11,34 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-import numpy as np
 import torch
 
 from ..config import TrainConfig
 from .kernels import adam_adjoint_, adam_step_
 from .lr import group_schedule
 from .optim import AdamHyper
-from .optimizers import StepValues
+from .optimizers import Optimizer, StepValues
 
 
 @dataclass(frozen=True)
-class Adam:
+class Adam(Optimizer):
     """train.optimizer = adam | adamw (core/optimizers.py states the interface)."""
-    group_ends: tuple[int, ...]
-    lrs: np.ndarray
-    """(T, groups) learning rate of each step and parameter group."""
-    wds: tuple[float, ...]
     hyper: AdamHyper
-    step_backend: str
-    adjoint_backend: str
     needs_step_values: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, t: TrainConfig, num_steps: int, group_ends, step_backend: str,
                     adjoint_backend: str) -> "Adam":
         hyper = AdamHyper(t.beta1, t.beta2, t.eps, t.eps_root, t.optimizer == "adamw")
-        return cls(*group_schedule(t, num_steps, group_ends), hyper, step_backend,
-                   adjoint_backend)
+        return cls(*group_schedule(t, num_steps, group_ends), step_backend, adjoint_backend,
+                   hyper)
 
     def state_size(self, num_params: int) -> int:
         return 2 * num_params

@@ -16,7 +16,9 @@ parameter group included) and then called with a step number only, in the spirit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..config import TrainConfig
@@ -30,6 +32,20 @@ class StepValues:
     theta: torch.Tensor
     state: torch.Tensor
     """The optimizer state before the step."""
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """What every optimizer holds: the parameter groups, their per-step learning rates and
+    weight decays, and the kernel backends of its step and adjoint. Subclasses add their own
+    hyperparameters and the methods of the module docstring."""
+    group_ends: tuple[int, ...]
+    lrs: np.ndarray
+    """(T, groups) learning rate of each step and parameter group."""
+    wds: tuple[float, ...]
+    step_backend: str
+    adjoint_backend: str
+    needs_step_values: ClassVar[bool] = False
 
 
 def build_optimizer(t: TrainConfig, num_steps: int, group_ends, step_backend: str,

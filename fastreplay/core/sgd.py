@@ -4,36 +4,28 @@ learning rates and weight decays, and its exact adjoint: one of the run's optimi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 
 from ..config import TrainConfig
 from .kernels import sgd_adjoint_, sgd_step_
 from .lr import group_schedule
-from .optimizers import StepValues
+from .optimizers import Optimizer, StepValues
 
 
 @dataclass(frozen=True)
-class SGD:
+class SGD(Optimizer):
     """g = grad + wd theta; m = mu m + g; theta -= lr (g + mu m) (Nesterov) or lr m, per group
     (docs/design.md §2); the adjoint in docs/design.md §3 and core/optim.py."""
-    group_ends: tuple[int, ...]
-    lrs: np.ndarray
-    """(T, groups) learning rate of each step and parameter group."""
-    wds: tuple[float, ...]
     momentum: float
     nesterov: bool
-    step_backend: str
-    adjoint_backend: str
-    needs_step_values: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, t: TrainConfig, num_steps: int, group_ends, step_backend: str,
                     adjoint_backend: str) -> "SGD":
-        return cls(*group_schedule(t, num_steps, group_ends), t.momentum, t.nesterov,
-                   step_backend, adjoint_backend)
+        return cls(*group_schedule(t, num_steps, group_ends), step_backend, adjoint_backend,
+                   t.momentum, t.nesterov)
 
     def state_size(self, num_params: int) -> int:
         return num_params
