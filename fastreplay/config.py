@@ -1,9 +1,9 @@
 """Typed, validated run configuration: presets, TOML files and dotted ``--set`` overrides.
 
 Precedence: preset < config file < overrides. Configs are immutable (frozen dataclasses): a
-resolved option is a new config (``with_values``), never an edit of one somebody else holds. The resolved config is saved in every run store,
-and the part that determines the training trajectory is hashed into a fingerprint, so a store is
-never reused for a different run.
+resolved option is a new config (``with_values``), never an edit of one somebody else holds.
+The resolved config is saved in every run store, and the part that determines the training
+trajectory is hashed into a fingerprint, so a store is never reused for a different run.
 """
 from __future__ import annotations
 
