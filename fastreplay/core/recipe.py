@@ -148,7 +148,8 @@ class Recipe:
         """grad_theta L_step(theta, w = 1): the gradient the scored run's step ``step`` took
         from theta (what a nonlinear optimizer's adjoint needs, core/optimizers.py)."""
         theta = theta.detach().requires_grad_(True)
-        loss, _ = self.batch_loss(theta, buffers, step, self.ones()[self.plan.indices[step]])
+        unit = torch.ones(self.plan.batch_size, dtype=self.dtype, device=self.device)
+        loss, _ = self.batch_loss(theta, buffers, step, unit)
         (grad,) = torch.autograd.grad(loss, theta)
         return grad
 

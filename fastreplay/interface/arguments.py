@@ -54,6 +54,15 @@ def check_lds_arguments(models: int, keep: float, removal: str, mask_seed: int,
                           f"0..{MAX_LDS_MODELS} (0 = measure and pick)")
 
 
+def check_debug_arguments(top: int, retrain_without: int, seed: int) -> None:
+    """The options of `fastreplay debug` (--retrain-without against the training set size is
+    checked once the run is open)."""
+    if top < 1 or retrain_without < 0:
+        raise ConfigError("--top must be >= 1 and --retrain-without >= 0; e.g. --top 16 "
+                          "--retrain-without 100")
+    check_seed("--seed", seed)
+
+
 def check_smoothness_arguments(keep: float, seed: int) -> None:
     """The options of `fastreplay smoothness`."""
     check_keep(keep)

@@ -13,7 +13,7 @@ import numpy as np
 import typer
 from rich.markup import escape
 
-from ..config import PRESETS, SEED_MAX, load_config, to_toml, with_values
+from ..config import PRESETS, load_config, to_toml, with_values
 from ..exceptions import ConfigError, FastReplayError
 from ..progress import LEVELS, log, setup_logging
 from ..store.paths import require_path_text, resolve_store_url
@@ -282,10 +282,9 @@ def debug(
     """Rank every training example by how much it harms a group of test examples (one replay of their mean measurement); write the ranking, a picture and, with --retrain-without, the proof by retraining."""
     setup_logging(log_level, log_file)
     from .api import run_debug_command
+    from .arguments import check_debug_arguments
 
-    if top < 1 or retrain_without < 0 or not 0 <= seed <= SEED_MAX:
-        raise ConfigError("--top must be >= 1, --retrain-without >= 0 and --seed in "
-                          f"0..{SEED_MAX}; e.g. --top 16 --retrain-without 100")
+    check_debug_arguments(top, retrain_without, seed)
     res = run_debug_command(run_dir, group, top, retrain_without, seed, plots,
                             store_url=store, task=_load_task(task))
     out = res.summary(top)
