@@ -15,6 +15,10 @@
 #       its own limit (T_MAGIC, T_SMOOTH, T_LDS seconds), so a call returns what finished.
 #       TASK=FILE.py:FUNCTION attributes a user task (examples/): passed as --task to each step.
 #       Results: $OUT/NAME.txt (JSON lines); log: ${LOGS:-$OUT}/NAME.log.
+#   [NAME=noise NOISE=0.05 REMOVE=2500 RECIPE="--preset full"] bash benchmarks/gpu.sh noise
+#       the label-noise benchmark of `fastreplay debug`: train with NOISE of the training labels
+#       flipped, rank by harm to the whole test set's mean loss against the baselines, retrain
+#       without the top REMOVE (scores, best baseline, random). $OUT/NAME.txt, NAME.png.
 #   ROWFILE=rows.txt [T_ROW=240 BASE="..."] bash benchmarks/gpu.sh screen
 #       replay-free screens of many recipes: each ROWFILE line "NAME --set KEY=VALUE ..."
 #       (# comments) is a `row` with TARGETS=none on top of BASE (default: the MAGIC-style
@@ -26,7 +30,7 @@ here=$(dirname "$0")
 
 suite() {
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$OUT/suite.txt"
-  FASTREPLAY_REQUIRE_EXT=1 python -m pytest -q -m cuda tests/ 2>&1 | tail -3 | tee -a "$OUT/suite.txt"
+  FASTREPLAY_REQUIRE_EXT=1 python -m pytest -q -rf --tb=line -m cuda tests/ 2>&1 | tail -25 | tee -a "$OUT/suite.txt"
 }
 
 bench() {
@@ -71,6 +75,19 @@ row() {
   grep -h "test accuracy\|training\|replay" "$l" | tail -8 | tee -a "$r"
 }
 
+noise() {
+  : "${NAME:=noise}" "${NOISE:=0.05}" "${REMOVE:=2500}" "${RECIPE:=--preset full}"
+  local r=$OUT/$NAME.txt l=${LOGS:-$OUT}/$NAME.log run=runs/$NAME
+  echo "label noise $NAME: $RECIPE noise $NOISE remove $REMOVE" | tee -a "$r"
+  nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee -a "$r"
+  # shellcheck disable=SC2086
+  python -m fastreplay train $RECIPE --set data.label_noise="$NOISE" --run-dir "$run" --json \
+    --log-file "$l" 2>>"$l" | tee -a "$r"
+  python -m fastreplay debug --run-dir "$run" --retrain-without "$REMOVE" --top 12 --json \
+    --log-file "$l" 2>>"$l" | tee -a "$r"
+  cp "$run/debug/harm_all.png" "$OUT/$NAME.png"
+}
+
 screen() {
   : "${ROWFILE:?}" "${T_ROW:=240}" "${LOGS:=/tmp/screen-logs}"
   : "${BASE:=--preset full --config $here/recipes/magic-style.toml}"
@@ -94,6 +111,6 @@ screen() {
 }
 
 case "${1:-}" in
-  suite|bench|row|screen) cmd=$1; shift; "$cmd" "$@" ;;
-  *) sed -n '2,22p' "$0"; exit 2 ;;
+  suite|bench|row|noise|screen) cmd=$1; shift; "$cmd" "$@" ;;
+  *) sed -n '2,26p' "$0"; exit 2 ;;
 esac

@@ -26,9 +26,22 @@ inline AdamScalars<T> make_adam_scalars(double b1, double b2, double eps, double
           static_cast<T>(c1), static_cast<T>(c2), decoupled};
 }
 
+// a * b rounded on its own, as the reference's separate tensor product is: nvcc would contract
+// grad + wd * theta into one fused multiply-add, and where grad and -wd * theta nearly cancel
+// that changes g (and the update, which divides by roots of g^2) far beyond an ulp of theta.
+template <typename T>
+FR_HD T mul_rn(T a, T b) {
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(T) == sizeof(float)) return __fmul_rn(a, b);
+  else return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 template <typename T>
 FR_HD T adam_effective_grad(T grad, T theta, T wd, const AdamScalars<T>& s) {
-  return (wd != T(0) && !s.decoupled) ? grad + wd * theta : grad;
+  return (wd != T(0) && !s.decoupled) ? grad + mul_rn(wd, theta) : grad;
 }
 
 // Forward step on one element: m, v are this element's first and second moments.

@@ -67,8 +67,13 @@ def test_debug_finds_flipped_labels_and_retraining_confirms_the_ranking(cli, tmp
     assert out["group"] == "all" and out["members"] == 128 and len(out["most_harmful"]) == 8
     # Measured: AUROC 0.85 (random ranking: 0.5 +- 0.06 with 26 flipped of 256).
     assert out["detection"]["flipped"] == 26 and out["detection"]["scores"]["auroc"] > 0.75
-    top, random = out["retrained"]
+    det = out["detection"]
+    assert {"training_loss", "gradient_norm", "gradient_similarity"} <= set(det)
+    assert det["best_baseline"] == max(("training_loss", "gradient_norm", "gradient_similarity"),
+                                       key=lambda n: det[n]["auroc"])
+    top, by_baseline, random = out["retrained"]
     assert top["removed"] == "top 13 harmful" and random["removed"].startswith("13 random")
+    assert by_baseline["removed"] == f"top 13 by {det['best_baseline']}"
     # Measured: -0.064 for a predicted -0.074; the random 13 +0.034 for a predicted +0.026.
     change = top["value"] - out["value"]
     assert change < 0 and abs(change - top["predicted_change"]) < 0.5 * abs(top["predicted_change"])

@@ -294,9 +294,11 @@ def debug(
     log.info("group %s (%d test examples): mean %s %.4f; most harmful training examples %s",
              res.group, res.members, res.kind, res.value, res.ranking[:min(top, 10)])
     if res.detection:
-        log.info("planted label noise (%d flipped): AUROC %.3f by the scores, %.3f by the final "
-                 "training loss", res.detection["flipped"], res.detection["scores"]["auroc"],
-                 res.detection["training_loss"]["auroc"])
+        det = res.detection
+        others = ", ".join(f"{det[n]['auroc']:.3f} by {n.replace('_', ' ')}" for n in det
+                           if isinstance(det[n], dict) and n != "scores")
+        log.info("planted label noise (%d flipped): AUROC %.3f by the scores; %s",
+                 det["flipped"], det["scores"]["auroc"], others)
     for r in res.retrained:
         log.info("without %s: mean %s %.4f (%+.4f; predicted %+.4f), test accuracy %.2f%%",
                  r.removed, res.kind, r.value, r.value - res.value, r.predicted_change,

@@ -23,6 +23,7 @@ from ..core.train import load_final, train
 from ..exceptions import StoreError
 from ..progress import log
 from ..store import RunStore
+from .baselines import baseline_harms
 
 
 def harm(scores: np.ndarray, kind: str) -> np.ndarray:
@@ -77,31 +78,21 @@ class DebugResult:
         return out
 
 
-def training_losses(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor,
-                    batch: int = 1000) -> np.ndarray:
-    """Each training example's loss at the final state, in eval mode, unaugmented: the first
-    thing a user would sort by."""
-    data, out = recipe.data, []
-    with torch.no_grad():
-        for lo in range(0, data.num_train, batch):
-            idx = torch.arange(lo, min(lo + batch, data.num_train), device=recipe.device)
-            x = data.normalize(data.train_x[idx]) if data.images else data.train_x[idx]
-            outputs, _ = recipe.model.forward(theta, buffers, x, train=False)
-            out.append(recipe.loss_fn(outputs, data.train_y[idx]).cpu())
-    return torch.cat(out).double().numpy()
-
-
-def detection(recipe: Recipe, harms: np.ndarray, final, flipped: np.ndarray) -> dict:
-    """How well the harm ranking finds the planted flipped labels, against the final training
-    loss as a baseline: AUROC and precision at the number flipped."""
-    positives = np.zeros(recipe.num_train, dtype=bool)
+def detection(harms: dict[str, np.ndarray], flipped: np.ndarray) -> dict:
+    """How well each ranking (the scores' harm and every baseline's) finds the planted flipped
+    labels: AUROC and precision at the number flipped; ``best_baseline`` names the baseline with
+    the highest AUROC."""
+    num_train = len(next(iter(harms.values())))
+    positives = np.zeros(num_train, dtype=bool)
     positives[flipped] = True
     k = int(positives.sum())
-    losses = training_losses(recipe, final.theta, final.buffers)
-    return {"flipped": k,
-            "scores": {"auroc": auroc(harms, positives), f"precision_at_{k}": precision_at(harms, positives, k)},
-            "training_loss": {"auroc": auroc(losses, positives),
-                              f"precision_at_{k}": precision_at(losses, positives, k)}}
+    out: dict = {"flipped": k}
+    for name, values in harms.items():
+        out[name] = {"auroc": auroc(values, positives),
+                     f"precision_at_{k}": precision_at(values, positives, k)}
+    baselines = [n for n in harms if n != "scores"]
+    out["best_baseline"] = max(baselines, key=lambda n: out[n]["auroc"]) if baselines else None
+    return out
 
 
 def retrain_without(recipe: Recipe, members: list[int], kind: str, scores: np.ndarray,
@@ -157,15 +148,23 @@ def run_debug(recipe: Recipe, store, group: str = "all", remove: int = 0,
     res = DebugResult(name, len(members), kind, value,
                       accuracy(recipe, final.theta, final.buffers), ranking, scores)
     d = recipe.cfg.data
-    if d.label_noise > 0 and recipe.builtin_data:  # the flips are known
-        res.detection = detection(recipe, harms, final,
-                                  flipped_examples(recipe.num_train, d.label_noise,
-                                                   d.label_noise_seed))
+    noisy = d.label_noise > 0 and recipe.builtin_data  # the flips are known
+    baseline = "training_loss"
+    if noisy or remove:
+        rankings = {"scores": harms,
+                    **baseline_harms(recipe, final.theta, final.buffers, members, kind)}
+        if noisy:
+            res.detection = detection(rankings, flipped_examples(
+                recipe.num_train, d.label_noise, d.label_noise_seed))
+            baseline = res.detection["best_baseline"]
     if remove:
         rng = np.random.default_rng([seed, 4])
+        by_baseline = np.argsort(-rankings[baseline], kind="stable")[:remove]
         res.retrained = [
             retrain_without(recipe, members, kind, scores, np.asarray(ranking[:remove]),
                             f"top {remove} harmful"),
+            retrain_without(recipe, members, kind, scores, by_baseline,
+                            f"top {remove} by {baseline}"),
             retrain_without(recipe, members, kind, scores,
                             rng.choice(recipe.num_train, size=remove, replace=False),
                             f"{remove} random (seed {seed})")]
