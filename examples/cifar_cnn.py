@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch.nn as nn
 
-from fastreplay.data import default_root, load_cifar10
+from fastreplay.data import default_root, load_cifar10, subsample
 from fastreplay.task import Task
 
 WIDTH = 16
@@ -52,12 +52,11 @@ def halve(images: np.ndarray) -> np.ndarray:
 
 
 def make_task(num_train: int = 5000, num_test: int = 1000, full_size: bool = False) -> Task:
-    """The CNN on the first ``num_train`` training and ``num_test`` test images of CIFAR-10, at
-    16x16 unless ``full_size`` (uint8 images: normalised per channel, and cropped and flipped
-    when ``data.augment``)."""
+    """The CNN on a fixed sample of (at most) ``num_train`` training and ``num_test`` test
+    images of CIFAR-10 (fastreplay.data.subset), at 16x16 unless ``full_size`` (uint8 images:
+    normalised per channel, and cropped and flipped when ``data.augment``)."""
     data = load_cifar10(default_root())
-    data.train_x, data.train_y = data.train_x[:num_train], data.train_y[:num_train]
-    data.test_x, data.test_y = data.test_x[:num_test], data.test_y[:num_test]
+    subsample(data, min(num_train, len(data.train_x)), min(num_test, len(data.test_x)))
     if not full_size:
         data.train_x, data.test_x = halve(data.train_x), halve(data.test_x)
     return Task(model=build_model, data=data)

@@ -117,6 +117,28 @@ def make_synthetic(cfg: DataConfig, seed: int) -> ImageData:
     return ImageData(train_x, train_y, test_x, test_y, tuple(f"class{i}" for i in range(c)))
 
 
+SUBSET_SEED = 0
+"""Seed of the fixed sample a smaller run takes (data.num_train / data.num_test)."""
+
+
+def subset(n: int, have: int) -> np.ndarray:
+    """Which of ``have`` stored examples a run of ``n`` uses: all when n is 0 or ``have``, else a
+    fixed random sample, kept in stored order. Not a prefix: a copy of a data set may be stored
+    sorted by class (CIFAR-10's test batch is, as some converters write it), and a prefix of it
+    would hold a single class."""
+    if n in (0, have):
+        return np.arange(have)
+    return np.sort(np.random.default_rng([SUBSET_SEED, have]).choice(have, size=n, replace=False))
+
+
+def subsample(data: ImageData, num_train: int, num_test: int) -> None:
+    """Keep ``num_train`` training and ``num_test`` test examples (0: all), chosen by subset."""
+    train = subset(num_train, len(data.train_x))
+    test = subset(num_test, len(data.test_x))
+    data.train_x, data.train_y = data.train_x[train], data.train_y[train]
+    data.test_x, data.test_y = data.test_x[test], data.test_y[test]
+
+
 def load_data(cfg: RunConfig, download: bool = False) -> ImageData:
     d = cfg.data
     if d.name == "synthetic":
@@ -127,10 +149,7 @@ def load_data(cfg: RunConfig, download: bool = False) -> ImageData:
                           ("num_test", d.num_test, len(data.test_x))):
         if n > have:
             raise DataError(f"data.{what}={n} but the data set has only {have} examples")
-    if d.num_train:
-        data.train_x, data.train_y = data.train_x[:d.num_train], data.train_y[:d.num_train]
-    if d.num_test:
-        data.test_x, data.test_y = data.test_x[:d.num_test], data.test_y[:d.num_test]
+    subsample(data, d.num_train, d.num_test)
     if data.train_y.max() >= d.num_classes or data.train_y.min() < 0:
         raise DataError(f"labels outside [0, {d.num_classes}); check data.num_classes")
     if d.label_noise > 0:

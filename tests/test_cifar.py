@@ -22,7 +22,7 @@ import pytest
 from conftest import set_args
 
 from fastreplay.config import load_config
-from fastreplay.data import CIFAR10_CLASSES, load_cifar10, load_data
+from fastreplay.data import CIFAR10_CLASSES, load_cifar10, load_data, subset
 from fastreplay.exceptions import DataError
 from fastreplay.interface.api import store_path
 from fastreplay.store import RunStore
@@ -180,11 +180,21 @@ def test_wrong_shape_is_a_clear_error(tiny_cifar, tmp_path):
         load_cifar10(str(tmp_path))
 
 
-def test_subset_prefix_and_too_large_a_subset(tiny_cifar):
+def test_subset_is_a_fixed_sample_and_too_large_a_subset_is_refused(tiny_cifar):
+    """A smaller run takes a fixed random sample, not a prefix: a copy stored sorted by class
+    (CIFAR-10's test batch as some converters write it) would give a one-class prefix."""
     root, want = tiny_cifar
     base = [f"data.root={root}", "train.batch_size=10"]
-    data = load_data(load_config("quick", overrides=[*base, "data.num_train=30", "data.num_test=7"]))
-    assert np.array_equal(data.train_x, want["train_x"][:30]) and len(data.test_y) == 7
+    cfg = load_config("quick", overrides=[*base, "data.num_train=30", "data.num_test=7"])
+    data = load_data(cfg)
+    ids = subset(30, 100)
+    assert np.array_equal(data.train_x, want["train_x"][ids]) and len(data.test_y) == 7
+    assert not np.array_equal(ids, np.arange(30)) and np.all(np.diff(ids) > 0)
+    assert np.array_equal(load_data(cfg).train_x, data.train_x)  # the same sample every time
+    assert np.array_equal(subset(0, 100), np.arange(100))  # 0 and the whole set: all, in order
+    assert np.array_equal(subset(100, 100), np.arange(100))
+    labels_sorted = np.repeat(np.arange(10), 1000)  # like the sorted test batch
+    assert len(np.unique(labels_sorted[subset(1000, 10000)])) == 10
     with pytest.raises(DataError, match="num_train=500 but the data set has only 100"):
         load_data(load_config("quick", overrides=[*base, "data.num_train=500"]))
 

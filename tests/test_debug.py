@@ -101,3 +101,26 @@ def test_groups_by_class_file_and_spec(tmp_path):
     assert resolve_group("1,3,5", recipe) == resolve_group(str(tmp_path / "ids.txt"), recipe)
     with pytest.raises(ConfigError, match="no class 'cat'"):
         resolve_group("class:cat", recipe)
+
+
+def test_a_group_short_of_the_test_set_is_judged_on_the_rest_too(tmp_path):
+    """The ranking is chosen on the group, so its own loss is in-sample: debug also judges every
+    model on the test examples outside the group (held out), as the ratio a user can trust."""
+    from fastreplay.core.measure import accuracy, measure
+    from fastreplay.core.train import load_final
+    from fastreplay.workflows.debug import run_debug
+    cfg = load_config("test", overrides=NOISY)
+    recipe, store = open_or_train(cfg, tmp_path)
+    res = run_debug(recipe, store, group="0:64", remove=13)
+    final = load_final(recipe, store)
+    rest = list(range(64, 128))
+    assert res.members == 64 and res.held_out_members == 64
+    assert res.held_out_value == pytest.approx(
+        float(measure(recipe, final.theta, final.buffers, rest, "loss").mean()), rel=1e-12)
+    assert res.held_out_accuracy == accuracy(recipe, final.theta, final.buffers, examples=rest)
+    assert 0.5 * (res.held_out_accuracy + accuracy(recipe, final.theta, final.buffers,
+                                                   examples=range(64))) == res.accuracy
+    for r in res.retrained:
+        assert r.held_out_value is not None and 0 <= r.held_out_accuracy <= 1
+    whole = run_debug(recipe, store, group="all")
+    assert whole.held_out_members == 0 and whole.held_out_value is None

@@ -1,6 +1,8 @@
 """Measurements phi(theta_T, b_T) of test examples in eval mode, their gradients, and accuracy."""
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
 from ..exceptions import ConfigError
@@ -93,16 +95,20 @@ def accuracy_logits(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor,
     return logits
 
 
-def accuracy(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor, batch: int = 1000) -> float:
+def accuracy(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor, batch: int = 1000,
+             examples: Optional[Sequence[int]] = None) -> float:
     """Fraction of test targets whose largest output is the target: per example for class
     labels (N,), per position for sequences of labels (N, T) with outputs (N, T, classes). NaN
-    where the task's targets are not class labels of its outputs (e.g. a regression)."""
+    where the task's targets are not class labels of its outputs (e.g. a regression).
+    ``examples``: the test ids to judge (default: all of them)."""
     data, correct, total = recipe.data, 0, 0
     if data.test_y.is_floating_point():
         return float("nan")
+    ids = (torch.arange(data.num_test) if examples is None
+           else torch.as_tensor(list(examples), dtype=torch.long)).to(recipe.device)
     with torch.no_grad():
-        for lo in range(0, data.num_test, batch):
-            idx = torch.arange(lo, min(lo + batch, data.num_test), device=recipe.device)
+        for lo in range(0, len(ids), batch):
+            idx = ids[lo:lo + batch]
             logits = accuracy_logits(recipe, theta, buffers, data.test_batch(idx))
             labels = data.test_y[idx]
             if logits.shape[:-1] != labels.shape:

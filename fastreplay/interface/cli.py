@@ -299,10 +299,18 @@ def debug(
                            if isinstance(det[n], dict) and n != "scores")
         log.info("planted label noise (%d flipped): AUROC %.3f by the scores; %s",
                  det["flipped"], det["scores"]["auroc"], others)
+    if res.held_out_value is not None:
+        log.info("held out (the %d test examples outside the group): mean %s %.4f, accuracy "
+                 "%.2f%%", res.held_out_members, res.kind,
+                 res.held_out_value, 100 * res.held_out_accuracy)
     for r in res.retrained:
-        log.info("without %s: mean %s %.4f (%+.4f; predicted %+.4f), test accuracy %.2f%%",
+        held = ("" if r.held_out_value is None else
+                f"; held out: mean {res.kind} {r.held_out_value:.4f} "
+                f"({r.held_out_value - res.held_out_value:+.4f}), accuracy "
+                f"{100 * r.held_out_accuracy:.2f}%")
+        log.info("without %s: mean %s %.4f (%+.4f; predicted %+.4f), test accuracy %.2f%%%s",
                  r.removed, res.kind, r.value, r.value - res.value, r.predicted_change,
-                 100 * r.accuracy)
+                 100 * r.accuracy, held)
     log.info("written: %s", ", ".join(res.files))
 
 

@@ -47,26 +47,47 @@ def precision_at(values: np.ndarray, positives: np.ndarray, k: int) -> float:
 
 
 @dataclass
-class Retraining:
-    """The group's mean measurement and the test accuracy after retraining without K examples."""
-    removed: str
+class Evaluation:
+    """A model judged on the group and apart from it. The harm ranking is chosen to lower the
+    group's loss, so the group's own figures are in-sample; the test examples outside the group
+    (held out: none when the group is the whole test set) say whether the gain carries over."""
     value: float
+    """The group's mean measurement."""
     accuracy: float
-    predicted_change: float
+    """On the whole test set."""
+    held_out_value: Optional[float]
+    """The mean measurement over the test examples outside the group."""
+    held_out_accuracy: Optional[float]
+
+
+def evaluate(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor, members: list[int],
+             held_out: list[int], kind: str) -> Evaluation:
+    def mean(ids):
+        return float(measure(recipe, theta, buffers, ids, kind).mean())
+    return Evaluation(mean(members), accuracy(recipe, theta, buffers),
+                      mean(held_out) if held_out else None,
+                      accuracy(recipe, theta, buffers, examples=held_out) if held_out else None)
+
+
+@dataclass
+class Retraining(Evaluation):
+    """The model retrained without K examples, judged as the trained run was."""
+    removed: str = ""
+    predicted_change: float = 0.0
     """-(sum of the removed examples' scores): the first-order prediction of value - original."""
 
 
 @dataclass
-class DebugResult:
-    group: str
-    members: int
-    kind: str
-    value: float
-    """The group's mean measurement of the trained run."""
-    accuracy: float
-    ranking: list[int]
+class DebugResult(Evaluation):
+    """The trained run judged (Evaluation), its ranking and what was checked against it."""
+    group: str = ""
+    members: int = 0
+    held_out_members: int = 0
+    """Test examples outside the group (0 for the whole test set)."""
+    kind: str = "loss"
+    ranking: list[int] = field(default_factory=list)
     """Training ids, most harmful first."""
-    scores: np.ndarray = field(repr=False)
+    scores: np.ndarray = field(default=None, repr=False)
     detection: Optional[dict] = None
     retrained: list[Retraining] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
@@ -95,15 +116,15 @@ def detection(harms: dict[str, np.ndarray], flipped: np.ndarray) -> dict:
     return out
 
 
-def retrain_without(recipe: Recipe, members: list[int], kind: str, scores: np.ndarray,
-                    removed: np.ndarray, what: str) -> Retraining:
+def retrain_without(recipe: Recipe, members: list[int], held_out: list[int], kind: str,
+                    scores: np.ndarray, removed: np.ndarray, what: str) -> Retraining:
     w = torch.ones(recipe.num_train, dtype=recipe.dtype, device=recipe.device)
     w[torch.as_tensor(removed, device=recipe.device)] = 0
     log.info("retraining without %d examples (%s)", len(removed), what)
     state = train(recipe, w)
-    value = float(measure(recipe, state.theta, state.buffers, members, kind).mean())
-    return Retraining(what, value, accuracy(recipe, state.theta, state.buffers),
-                      float(-scores[removed].sum()))
+    judged = evaluate(recipe, state.theta, state.buffers, members, held_out, kind)
+    return Retraining(**asdict(judged), removed=what,
+                      predicted_change=float(-scores[removed].sum()))
 
 
 def score_group(recipe: Recipe, store: RunStore, name: str, members: list[int],
@@ -134,19 +155,22 @@ def score_group(recipe: Recipe, store: RunStore, name: str, members: list[int],
 
 def run_debug(recipe: Recipe, store, group: str = "all", remove: int = 0,
               seed: int = 0) -> DebugResult:
-    """Score the group (or read its stored scores), rank, check against planted label noise
-    (builtin data with data.label_noise > 0), and retrain without the ``remove`` most harmful
-    examples and without ``remove`` random ones."""
+    """Score the group (or read its stored scores), rank, check the ranking and the baselines
+    against planted label noise (builtin data with data.label_noise > 0), and retrain without
+    the ``remove`` most harmful examples, without the top ``remove`` of the best baseline (the
+    final training loss when no noise was planted) and without ``remove`` random ones."""
     from ..data import flipped_examples
     kind = recipe.cfg.measure.kind
     name, members = resolve_group(group, recipe)
     scores, _ = score_group(recipe, store, name, members, kind)
     final = load_final(recipe, store)
-    value = float(measure(recipe, final.theta, final.buffers, members, kind).mean())
+    inside = set(members)
+    held_out = [i for i in range(recipe.data.num_test) if i not in inside]
     harms = harm(scores, kind)
     ranking = [int(i) for i in np.argsort(-harms, kind="stable")]
-    res = DebugResult(name, len(members), kind, value,
-                      accuracy(recipe, final.theta, final.buffers), ranking, scores)
+    judged = evaluate(recipe, final.theta, final.buffers, members, held_out, kind)
+    res = DebugResult(**asdict(judged), group=name, members=len(members),
+                      held_out_members=len(held_out), kind=kind, ranking=ranking, scores=scores)
     d = recipe.cfg.data
     noisy = d.label_noise > 0 and recipe.builtin_data  # the flips are known
     baseline = "training_loss"
@@ -161,11 +185,11 @@ def run_debug(recipe: Recipe, store, group: str = "all", remove: int = 0,
         rng = np.random.default_rng([seed, 4])
         by_baseline = np.argsort(-rankings[baseline], kind="stable")[:remove]
         res.retrained = [
-            retrain_without(recipe, members, kind, scores, np.asarray(ranking[:remove]),
-                            f"top {remove} harmful"),
-            retrain_without(recipe, members, kind, scores, by_baseline,
+            retrain_without(recipe, members, held_out, kind, scores,
+                            np.asarray(ranking[:remove]), f"top {remove} harmful"),
+            retrain_without(recipe, members, held_out, kind, scores, by_baseline,
                             f"top {remove} by {baseline}"),
-            retrain_without(recipe, members, kind, scores,
+            retrain_without(recipe, members, held_out, kind, scores,
                             rng.choice(recipe.num_train, size=remove, replace=False),
                             f"{remove} random (seed {seed})")]
     return res
