@@ -14,9 +14,10 @@ about a minute for ``magic`` and three for ``lds`` on 2 cores (``OMP_NUM_THREADS
     python -m fastreplay lds --run-dir runs/cifar-cnn --task examples/cifar_cnn.py:make_task \
         --models 16 --keep 0.99
 
-Measured there: 50.4% test accuracy, training 10-15 s, replay 27 s per target, and the
-whole-run scores predict retraining: LDS 0.95 [0.91, 1.03] on test 0..1 and 0.89 [0.76, 1.06]
-on test 100..101 (keep 0.99, weight removal, 16 models, bias-corrected jackknife interval).
+Measured there (2026-12-01, benchmarks/RESULTS.md): 43.9% test accuracy, training 10-15 s,
+replay 27 s per target, and the whole-run scores predict retraining: LDS 0.87 [0.76, 1.05] on
+test 0..1 and 0.77 [0.58, 1.02] on test 100..101 (keep 0.99, weight removal, 16 models, bias-corrected
+jackknife interval).
 
 On a GPU at full size (``make_full_task``: all 50,000 / 10,000 images at 32x32), the same commands with
 ``--task examples/cifar_cnn.py:make_full_task --set device=cuda --set train.dtype=float32``.

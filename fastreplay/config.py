@@ -243,14 +243,13 @@ MAX_WIDTH = 8.0
 PRESETS: dict[str, dict[str, Any]] = {
     # Minutes on a CPU laptop, and smooth: the whole run is attributed and the scores predict
     # retraining. A small CNN (conv-BN-GELU, average pooling; width 1 = 16 channels, 2,970
-    # parameters) on a 5,000-image CIFAR-10 subset, 8 epochs of batch 100 (400 steps),
-    # Nesterov SGD 0.9, one-cycle to a moderate lr 0.02, float32. Measured on 2 CPU cores
-    # (benchmarks/RESULTS.md, 2026-11-30): 52.3% test accuracy (1,000 test images), training
-    # about 10 s, replay about 26 s per target, an LDS retraining about 10 s (quiet machine);
-    # whole-run LDS (weight removal, keep 0.99, float32, bias-corrected jackknife interval)
-    # 0.993 [0.985, 1.014] on test 0..2 (12 models) and 0.981 [0.959, 1.020] on test 100..104
-    # (16 models). At the old lr 0.4 (width 2, 56% accuracy) the whole run was chaotic: LDS
-    # -0.10 [-0.33, 0.13] (test 0..2, 24 models).
+    # parameters) on a fixed sample of 5,000 CIFAR-10 training images, 8 epochs of batch 100
+    # (400 steps), Nesterov SGD 0.9, one-cycle to a moderate lr 0.02, float32. Measured on 2 CPU
+    # cores (benchmarks/RESULTS.md, 2026-12-01): 35.2% test accuracy (a fixed sample of 1,000
+    # test images), training about 10 s, replay about 26 s per target, an LDS retraining about
+    # 10 s (quiet machine); whole-run LDS (weight removal, keep 0.99, float32, bias-corrected
+    # jackknife interval, 16 models) 0.996 [0.989, 1.008] on test 0..2 and 0.992 [0.987, 1.008] on
+    # test 100..104. At the old lr 0.4 (width 2) the whole run was chaotic.
     "quick": {
         "device": "cpu",
         "data": {"name": "cifar10", "num_train": 5000, "num_test": 1000, "image_size": 32,
