@@ -15,10 +15,11 @@
 #       its own limit (T_MAGIC, T_SMOOTH, T_LDS seconds), so a call returns what finished.
 #       TASK=FILE.py:FUNCTION attributes a user task (examples/): passed as --task to each step.
 #       Results: $OUT/NAME.txt (JSON lines); log: ${LOGS:-$OUT}/NAME.log.
-#   [NAME=noise NOISE=0.05 REMOVE=2500 RECIPE="--preset full"] bash benchmarks/gpu.sh noise
+#   [NAME=noise NOISE=0.05 REMOVE=2500 GROUP=all RECIPE="--preset full"] bash benchmarks/gpu.sh noise
 #       the label-noise benchmark of `fastreplay debug`: train with NOISE of the training labels
-#       flipped, rank by harm to the whole test set's mean loss against the baselines, retrain
-#       without the top REMOVE (scores, best baseline, random). $OUT/NAME.txt, NAME.png.
+#       flipped, rank by harm to GROUP's mean test loss against the baselines, retrain without
+#       the top REMOVE (scores, best baseline, random); GROUP=0:5000 also judges every model on
+#       the held-out half. $OUT/NAME.txt, NAME.png.
 #   ROWFILE=rows.txt [T_ROW=240 BASE="..."] bash benchmarks/gpu.sh screen
 #       replay-free screens of many recipes: each ROWFILE line "NAME --set KEY=VALUE ..."
 #       (# comments) is a `row` with TARGETS=none on top of BASE (default: the MAGIC-style
@@ -76,16 +77,16 @@ row() {
 }
 
 noise() {
-  : "${NAME:=noise}" "${NOISE:=0.05}" "${REMOVE:=2500}" "${RECIPE:=--preset full}"
-  local r=$OUT/$NAME.txt l=${LOGS:-$OUT}/$NAME.log run=runs/$NAME
-  echo "label noise $NAME: $RECIPE noise $NOISE remove $REMOVE" | tee -a "$r"
+  : "${NAME:=noise}" "${NOISE:=0.05}" "${REMOVE:=2500}" "${GROUP:=all}" "${RECIPE:=--preset full}"
+  local r=$OUT/$NAME.txt l=${LOGS:-$OUT}/$NAME.log run=runs/$NAME png
+  echo "label noise $NAME: $RECIPE noise $NOISE remove $REMOVE group $GROUP" | tee -a "$r"
   nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee -a "$r"
   # shellcheck disable=SC2086
   python -m fastreplay train $RECIPE --set data.label_noise="$NOISE" --run-dir "$run" --json \
     --log-file "$l" 2>>"$l" | tee -a "$r"
-  python -m fastreplay debug --run-dir "$run" --retrain-without "$REMOVE" --top 12 --json \
-    --log-file "$l" 2>>"$l" | tee -a "$r"
-  cp "$run/debug/harm_all.png" "$OUT/$NAME.png"
+  python -m fastreplay debug --run-dir "$run" --group "$GROUP" --retrain-without "$REMOVE" \
+    --top 12 --json --log-file "$l" 2>>"$l" | tee -a "$r"
+  for png in "$run"/debug/harm_*.png; do cp "$png" "$OUT/$NAME.png"; done
 }
 
 screen() {
@@ -112,5 +113,5 @@ screen() {
 
 case "${1:-}" in
   suite|bench|row|noise|screen) cmd=$1; shift; "$cmd" "$@" ;;
-  *) sed -n '2,26p' "$0"; exit 2 ;;
+  *) sed -n '2,27p' "$0"; exit 2 ;;
 esac
