@@ -311,6 +311,10 @@ def debug(
         log.info("without %s: mean %s %.4f (%+.4f; predicted %+.4f), test accuracy %.2f%%%s",
                  r.removed, res.kind, r.value, r.value - res.value, r.predicted_change,
                  100 * r.accuracy, held)
+    if res.retrained and res.held_out_value is None:
+        log.info("the group is the whole test set, so these retrainings are judged in-sample (the "
+                 "removal was chosen on the same examples); --group 0:%d judges them on the other "
+                 "half too", max(1, res.members // 2))
     log.info("written: %s", ", ".join(res.files))
 
 
