@@ -16,8 +16,8 @@ about a minute for ``magic`` and three for ``lds`` on 2 cores (``OMP_NUM_THREADS
 
 Measured there (2026-12-01, benchmarks/RESULTS.md): 43.9% test accuracy, training 10-15 s,
 replay 27 s per target, and the whole-run scores predict retraining: LDS 0.87 [0.76, 1.05] on
-test 0..1 and 0.77 [0.58, 1.02] on test 100..101 (keep 0.99, weight removal, 16 models, bias-corrected
-jackknife interval).
+test 0..1 and 0.77 [0.58, 1.02] on test 100..101 (keep 0.99, weight removal, 16 models,
+bias-corrected jackknife interval).
 
 On a GPU at full size (``make_full_task``: all 50,000 / 10,000 images at 32x32), the same commands with
 ``--task examples/cifar_cnn.py:make_full_task --set device=cuda --set train.dtype=float32``.

@@ -281,6 +281,10 @@ class DeviceData(_SplitsOnDevice):
     def test_batch(self, indices: torch.Tensor) -> torch.Tensor:
         return self.normalize(self.test_x[indices])
 
+    def plain_train_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """Training inputs as test inputs are fed: normalised, never augmented."""
+        return self.normalize(self.train_x[indices])
+
 
 def _as_tensor(a, what: str) -> torch.Tensor:
     try:
@@ -327,6 +331,10 @@ class ArrayDeviceData(_SplitsOnDevice):
 
     def test_batch(self, indices: torch.Tensor) -> torch.Tensor:
         return self.test_x[indices]
+
+    def plain_train_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """Training inputs as test inputs are fed: never augmented."""
+        return self.train_x[indices]
 
 
 def device_data(task, cfg: RunConfig, device: torch.device, dtype: torch.dtype):

@@ -12,7 +12,7 @@ from fastreplay.core.measure import group_measurement_grads
 from fastreplay.core.recipe import Recipe
 from fastreplay.core.train import train
 from fastreplay.workflows.baselines import (baseline_harms, gradient_norms,
-                                            gradient_similarities, train_inputs)
+                                            gradient_similarities)
 
 GROUP = [0, 3, 5]
 
@@ -29,7 +29,8 @@ def per_example_gradients(recipe: Recipe, state) -> torch.Tensor:
     for i in range(recipe.num_train):
         theta = state.theta.detach().requires_grad_(True)
         idx = torch.tensor([i])
-        outputs, _ = recipe.model.forward(theta, state.buffers, train_inputs(recipe, idx), train=False)
+        x = recipe.data.plain_train_batch(idx)
+        outputs, _ = recipe.model.forward(theta, state.buffers, x, train=False)
         (g,) = torch.autograd.grad(recipe.loss_fn(outputs, recipe.data.train_y[idx]).sum(), theta)
         rows.append(g)
     return torch.stack(rows)

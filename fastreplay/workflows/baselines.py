@@ -27,12 +27,6 @@ GRADIENT_CHUNK = 64
 """Training examples per vmapped per-example gradient (64 parameter-sized vectors at once)."""
 
 
-def train_inputs(recipe: Recipe, idx: torch.Tensor) -> torch.Tensor:
-    """Training inputs ``idx`` as the model sees them at test time (normalised, unaugmented)."""
-    data = recipe.data
-    return data.normalize(data.train_x[idx]) if data.images else data.train_x[idx]
-
-
 def _spans(recipe: Recipe, size: int):
     for lo in range(0, recipe.num_train, size):
         yield torch.arange(lo, min(lo + size, recipe.num_train), device=recipe.device)
@@ -43,7 +37,8 @@ def training_losses(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor) 
     out = []
     with torch.no_grad():
         for idx in _spans(recipe, BATCH):
-            outputs, _ = recipe.model.forward(theta, buffers, train_inputs(recipe, idx), train=False)
+            x = recipe.data.plain_train_batch(idx)
+            outputs, _ = recipe.model.forward(theta, buffers, x, train=False)
             out.append(recipe.loss_fn(outputs, recipe.data.train_y[idx]).cpu())
     return torch.cat(out).double().numpy()
 
@@ -54,7 +49,7 @@ def gradient_similarities(recipe: Recipe, theta: torch.Tensor, buffers: torch.Te
     batch (the directional derivative of the per-example losses), no per-example gradients."""
     out = []
     for idx in _spans(recipe, BATCH):
-        x, y = train_inputs(recipe, idx), recipe.data.train_y[idx]
+        x, y = recipe.data.plain_train_batch(idx), recipe.data.train_y[idx]
 
         def losses(th, x=x, y=y):
             outputs, _ = recipe.model.forward(th, buffers, x, train=False)
@@ -88,7 +83,7 @@ def gradient_norms(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor) -
     out = []
     with contiguous_inputs(recipe):
         for idx in _spans(recipe, GRADIENT_CHUNK):
-            grads = per_example(theta.detach(), train_inputs(recipe, idx),
+            grads = per_example(theta.detach(), recipe.data.plain_train_batch(idx),
                                 recipe.data.train_y[idx])
             out.append(torch.linalg.vector_norm(grads, dim=1).detach().cpu())
     return torch.cat(out).double().numpy()
