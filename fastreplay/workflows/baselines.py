@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..core.func_limits import first_line, vmap_unsupported
+from ..core.func_limits import first_line, forward_ad_unsupported, vmap_unsupported
 from ..core.measure import group_measurement_grads
 from ..core.recipe import Recipe
 from ..progress import log
@@ -89,22 +89,36 @@ def gradient_norms(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor) -
     return torch.cat(out).double().numpy()
 
 
+def _unless_unsupported(name: str, compute, unsupported):
+    """``compute()``, or None (with a warning) when torch.func cannot transform this model that
+    way (``unsupported``: func_limits' test of the exception); any other error propagates."""
+    try:
+        return compute()
+    except (RuntimeError, NotImplementedError) as e:
+        if not unsupported(e):
+            raise
+        log.warning("%s baseline skipped: torch.func cannot transform this model so (%s)", name,
+                    first_line(e))
+        return None
+
+
 def baseline_harms(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor,
                    members: list[int], kind: str) -> dict[str, np.ndarray]:
     """Every baseline as a harm (N,), larger = more suspect. A model that torch.func.vmap cannot
-    take per example (an operation without a batching rule) has no gradient_norm, with a warning."""
+    take per example has no gradient_norm, one without forward-mode AD no gradient_similarity
+    (each with a warning)."""
     from .debug import harm
     _, g_group, _ = group_measurement_grads(recipe, theta, buffers, members, kind)
     # One more SGD step on example i moves theta by -lr grad loss_i, so the group's measurement
     # changes by -lr <grad loss_i, g_group>: that is the score-like quantity, up to lr > 0.
-    harms = {"training_loss": training_losses(recipe, theta, buffers),
-             "gradient_similarity": harm(-gradient_similarities(recipe, theta, buffers,
-                                                                 g_group[0]), kind)}
-    try:
-        harms["gradient_norm"] = gradient_norms(recipe, theta, buffers)
-    except (RuntimeError, NotImplementedError) as e:
-        if not vmap_unsupported(e):
-            raise
-        log.warning("gradient_norm baseline skipped: torch.func.vmap cannot take this model per "
-                    "example (%s)", first_line(e))
+    dots = _unless_unsupported(
+        "gradient_similarity",
+        lambda: gradient_similarities(recipe, theta, buffers, g_group[0]), forward_ad_unsupported)
+    norms = _unless_unsupported("gradient_norm", lambda: gradient_norms(recipe, theta, buffers),
+                                vmap_unsupported)
+    harms = {"training_loss": training_losses(recipe, theta, buffers)}
+    if dots is not None:
+        harms["gradient_similarity"] = harm(-dots, kind)
+    if norms is not None:
+        harms["gradient_norm"] = norms
     return harms
