@@ -16,7 +16,9 @@ from fastreplay.core.measure import resolve_group
 from fastreplay.core.replay import replay
 from fastreplay.data import flip_labels, flipped_examples
 from fastreplay.exceptions import ConfigError
-from fastreplay.interface.api import counterfactual, open_or_train
+from fastreplay.core.train import load_final
+from fastreplay.interface.api import counterfactual, open_or_train, open_trained
+from fastreplay.workflows.baselines import baseline_harms
 from fastreplay.workflows.debug import score_group
 
 GROUP = [1, 2, 4, 6]
@@ -83,6 +85,15 @@ def test_debug_finds_flipped_labels_and_retraining_confirms_the_ranking(cli, tmp
     assert len(rows) == 256 and [int(r["index"]) for r in rows[:8]] == out["most_harmful"]
     harms = [float(r["harm"]) for r in rows]
     assert harms == sorted(harms, reverse=True)
+    # the baseline arm removed the best baseline's own top 13: its predicted change is theirs
+    recipe, store = open_trained(tmp_path)
+    final = load_final(recipe, store)
+    rankings = baseline_harms(recipe, final.theta, final.buffers, list(range(128)), "loss")
+    store.close()
+    top_by_baseline = np.argsort(-rankings[det["best_baseline"]], kind="stable")[:13]
+    score_of = {int(r["index"]): float(r["score"]) for r in rows}
+    assert by_baseline["predicted_change"] == pytest.approx(
+        -sum(score_of[int(i)] for i in top_by_baseline), rel=1e-9)
     assert (tmp_path / "debug" / "harm_all.png").stat().st_size > 0
     assert json.loads((tmp_path / "debug" / "harm_all.json").read_text())["group"] == "all"
 
@@ -107,7 +118,6 @@ def test_a_group_short_of_the_test_set_is_judged_on_the_rest_too(tmp_path):
     """The ranking is chosen on the group, so its own loss is in-sample: debug also judges every
     model on the test examples outside the group (held out), as the ratio a user can trust."""
     from fastreplay.core.measure import accuracy, measure
-    from fastreplay.core.train import load_final
     from fastreplay.workflows.debug import run_debug
     cfg = load_config("test", overrides=NOISY)
     recipe, store = open_or_train(cfg, tmp_path)
