@@ -505,6 +505,25 @@ def config_from_dict(d: dict) -> RunConfig:
     return validate(_build(base))
 
 
+def stored_config(store) -> RunConfig:
+    """The config a run store holds, verified against the fingerprint recorded with it: a hand
+    edit of the stored config (say its lr) would otherwise retrain LDS models with a recipe the
+    scores never saw, and report a wrong figure in silence."""
+    from .exceptions import StoreError
+    fix = ("restore the store's zarr.json from a copy, or rerun `fastreplay magic` with --force "
+           "(or another --run-dir) to train again")
+    try:
+        cfg = config_from_dict(store.config)
+    except ConfigError as exc:
+        raise StoreError(f"the config stored in {store.path} was edited or corrupted ({exc}); "
+                         f"{fix}") from None
+    if cfg.fingerprint() != store.fingerprint:
+        raise StoreError(f"the config stored in {store.path} was edited or corrupted: it no "
+                         f"longer matches the run's fingerprint ({cfg.fingerprint()} != "
+                         f"{store.fingerprint}); {fix}")
+    return cfg
+
+
 def to_toml(cfg: RunConfig, unused: tuple[str, ...] | list[str] = ()) -> str:
     """TOML text of a config (for show-config and the resolved config saved next to each run);
     ``unused``: dotted keys the run never reads (a task's own model or data), said in a comment."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import contextlib
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -38,23 +39,56 @@ def setup_logging(level: str = "INFO", log_file: Optional[str] = None,
     if progress is not None:
         _enabled = progress
     handlers: list[logging.Handler] = [RichHandler(console=_console, show_path=False)]
+    _LogFile.failure = None
     if log_file:
         handlers.append(_file_handler(log_file))
     for old in log.handlers:
-        old.close()
+        with contextlib.suppress(OSError, ValueError):  # a log file whose writes failed
+            old.close()
     log.handlers[:] = handlers
     log.setLevel(level.upper())
     log.propagate = False
 
 
+class _LogFile(logging.FileHandler):
+    """A FileHandler that remembers its first failed write (a full disk, /dev/full) instead of
+    printing a traceback per record and letting the command end with 0: the log the user asked
+    for is incomplete, which main() reports (log_file_failure) with a non-zero exit."""
+
+    failure: Optional[str] = None
+
+    def handleError(self, record) -> None:
+        exc = sys.exc_info()[1]
+        if _LogFile.failure is None:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            _LogFile.failure = (f"--log-file {self.baseFilename}: writing the log failed "
+                                f"({reason}); the log is incomplete: free space or choose "
+                                "another path, then rerun")
+
+
 def _file_handler(log_file) -> logging.Handler:
+    """The --log-file handler, tried with a first line (the command being run) so that a file
+    that can be opened but not written (/dev/full, a full disk) is refused before any work."""
     try:
-        fh = logging.FileHandler(log_file)
+        fh = _LogFile(log_file)
     except OSError as exc:
         raise ConfigError(f"--log-file {log_file}: cannot open it ({exc.strerror or exc}); create "
                           "its directory or choose another path") from None
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    try:
+        fh.stream.write(f"# fastreplay {' '.join(sys.argv[1:])}\n")
+        fh.flush()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            fh.close()
+        raise ConfigError(f"--log-file {log_file}: cannot write to it ({exc.strerror or exc}); "
+                          "choose another path") from None
     return fh
+
+
+def log_file_failure() -> Optional[str]:
+    """Why writing the --log-file failed after it was opened (None: it did not)."""
+    return _LogFile.failure
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -180,15 +181,16 @@ def _sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def interrupt(args: list, at_work) -> subprocess.CompletedProcess:
-    """Start `fastreplay ARGS`, wait until ``at_work(pid)`` says it is working, press Ctrl-C."""
+def interrupt(args: list, at_work, sig: int = signal.SIGINT) -> subprocess.CompletedProcess:
+    """Start `fastreplay ARGS`, wait until ``at_work(pid)`` says it is working, press Ctrl-C
+    (or send ``sig``)."""
     proc = fastreplay(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                       preexec_fn=_sigint_default)
     deadline = time.monotonic() + 120
     while proc.poll() is None and not at_work(proc.pid):
         assert time.monotonic() < deadline, "the command never got to work"
         time.sleep(0.002)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
@@ -203,10 +205,11 @@ def holds(run_dir: Path, inside: str):
     return check
 
 
-def interrupted_line(proc, logged: bool = False) -> str:
-    """Exit 130 and the line saying so; nothing else on stderr unless the command ``logged``."""
+def interrupted_line(proc, logged: bool = False, code: int = 130) -> str:
+    """Exit ``code`` (130: Ctrl-C) and the line saying so; nothing else on stderr unless the
+    command ``logged``."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 130, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr and (logged or len(lines) == 1), proc.stderr
     return lines[-1]
 
@@ -240,6 +243,26 @@ def test_ctrl_c_in_magic_and_lds_exits_130_and_the_rerun_resumes(tmp_path):
     store = RunStore.open(run_dir / "run.zarr", "r")
     assert store.status == "trained" and store.read_scores("loss_from80")[1]["targets"] == [0]
     store.close()
+
+
+def test_sigterm_is_handled_as_ctrl_c_and_the_rerun_resumes_bitwise(tmp_path):
+    """`kill`, a scheduler's time limit: exit 143 with the line naming the resume (it used to
+    exit 143 in silence), and the resumed run equals an uninterrupted one bit for bit."""
+    run_dir, whole = tmp_path / "run", tmp_path / "whole"
+    magic = ["magic", *SLOW, "--targets", "0", "--no-plots", "--log-level", "ERROR"]
+    proc = interrupt([*magic, "--run-dir", run_dir], holds(run_dir, "run.zarr/checkpoints"),
+                     signal.SIGTERM)
+    assert interrupted_line(proc, code=143) == (
+        f"terminated (SIGTERM); rerun the same command to resume (what is stored in {run_dir} "
+        "is kept)")
+    for d in (run_dir, whole):
+        assert fastreplay(*magic, "--run-dir", d).returncode == 0
+    stores = [RunStore.open(d / "run.zarr", "r") for d in (run_dir, whole)]
+    for a, b in zip(*(s.read_final() for s in stores)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert np.array_equal(*(s.read_scores("loss_from80")[0] for s in stores))
+    for s in stores:
+        s.close()
 
 
 def test_ctrl_c_in_train_exits_130_and_says_nothing_is_stored(tmp_path):
@@ -291,6 +314,108 @@ def test_interrupted_training_stops_its_writer_before_the_lock_is_released(tmp_p
     store = RunStore.open(tmp_path / "run" / "run.zarr", "r")
     assert list(store.checkpoint_steps()[:3]) == [0, 4, 8]  # all three handed over are stored
     store.close()
+
+
+# --- where the output goes: closed or full stdout, an unwritable log, ~ in paths ----------------
+
+def test_output_that_cannot_be_written_is_an_error_not_a_silent_success(tmp_path):
+    """`info --json >&-` used to exit 0 with the output lost; a full disk for stdout or for the
+    --log-file is an error too (the log file's before any work: no run directory is made)."""
+    def close_stdout():
+        _sigint_default()
+        os.close(1)
+
+    closed = fastreplay("info", "--json", stdout=None, stderr=subprocess.PIPE,
+                        preexec_fn=close_stdout)
+    _, err = closed.communicate(timeout=120)
+    closed = subprocess.CompletedProcess([], closed.returncode, "", err)
+    with open("/dev/full", "w") as full:
+        filled = fastreplay("show-config", "--preset", "test", stdout=full, stderr=subprocess.PIPE)
+        _, err = filled.communicate(timeout=120)
+    filled = subprocess.CompletedProcess([], filled.returncode, "", err)
+    log = fastreplay("magic", *CONFIG, "--targets", "0", "--run-dir", tmp_path / "run",
+                     "--log-file", "/dev/full")
+    assert error_line(closed) == ("error: stdout is closed, so the command's output cannot be "
+                                  "written; run it with stdout open (or redirected to a file)")
+    assert error_line(filled) == (
+        "error: cannot write the command's output to stdout (No space left on device); redirect "
+        "it to a file on a disk with free space, or read the whole pipe")
+    assert error_line(log) == ("error: --log-file /dev/full: cannot write to it (No space left "
+                               "on device); choose another path")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_log_file_that_fills_up_midway_is_reported(tmp_path, monkeypatch, capsys):
+    """A log file that takes its first line and then fails (the disk fills): the command still
+    finishes its work, and exits 2 with a line saying the log is incomplete."""
+    import errno
+    import io
+
+    from fastreplay import progress
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def emit(self, record, _real=progress._LogFile.emit):
+        if "trained" in record.getMessage():
+            self.stream = Full()  # the disk fills up after training
+        _real(self, record)
+
+    monkeypatch.setattr(progress._LogFile, "emit", emit)
+    code, err = _main(monkeypatch, capsys, "train", *TINY, "--run-dir", tmp_path / "run",
+                      "--log-level", "INFO", "--log-file", tmp_path / "log.txt")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: --log-file {tmp_path / 'log.txt'}: writing the log failed (No space left on "
+        "device); the log is incomplete: free space or choose another path, then rerun")
+    assert RunStore.open(tmp_path / "run" / "run.zarr", "r").status == "trained"
+
+
+def test_tilde_in_a_path_is_the_home_directory_the_log_names(tmp_path):
+    """`--run-dir '~/runs/a'` (quoted, so the shell left it) made a directory literally named ~
+    while the log said ~/run.zarr; it is the home directory, as a shell would have expanded."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "fastreplay.interface.cli", "magic", *CONFIG,
+                           "--targets", "0", "--no-plots", "--json", "--run-dir", "~/runs/a",
+                           "--scores-out", "~/scores.npy", "--log-level", "INFO"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["store"] == str(home / "runs" / "a" / "run.zarr")
+    assert out["scores_out"] == str(home / "scores.npy") and (home / "scores.npy").is_file()
+    assert RunStore.open(home / "runs" / "a" / "run.zarr", "r").status == "trained"
+    assert list(work.iterdir()) == []  # no ./~
+
+
+def test_a_task_that_calls_sys_exit_midway_is_reported(tmp_path):
+    """sys.exit(3) inside the task's code during training used to end the process with code 3
+    and no word; it is a one-line error, and what was stored stays."""
+    task = tmp_path / "exits.py"
+    task.write_text(
+        "import sys\n"
+        "import numpy as np\n"
+        "import torch.nn as nn\n"
+        "from fastreplay.task import ArrayData, Task\n"
+        "def augment(x, seed, step):\n"
+        "    if step == 2:\n"
+        "        sys.exit(3)\n"
+        "    return x\n"
+        "def make_task():\n"
+        "    rng = np.random.default_rng(0)\n"
+        "    x, y = rng.normal(size=(24, 4)).astype('float32'), rng.integers(0, 2, 24)\n"
+        "    return Task(model=lambda: nn.Linear(4, 2), augment=augment,\n"
+        "                data=ArrayData(x, y, x[:4], y[:4]))\n")
+    run = tmp_path / "run"
+    line = error_line(fastreplay("magic", "--preset", "test", "--set", "train.batch_size=6",
+                                 "--targets", "0", "--run-dir", run, "--task", f"{task}:make_task"))
+    assert line == (f"error: the task's code called sys.exit(3) during `fastreplay magic`, which "
+                    f"stops here (what is stored in {run} is kept); remove the sys.exit call from "
+                    "the task (raise an exception to report a problem)")
+    assert (run / "run.zarr").is_dir()
 
 
 # --- disk full, seen from outside the process --------------------------------------------------

@@ -159,40 +159,171 @@ def test_force_never_deletes_what_is_not_a_run_store(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-# --- 3. clean --what all ---------------------------------------------------------------------
+# --- 3. what fastreplay wrote is decided by content (the manifest), not by name ----------------
 
-def test_clean_all_deletes_only_what_the_run_wrote(tmp_path):
+# Names fastreplay writes under, as a user's own files: they must never be overwritten or deleted.
+LOOKALIKES = {"config.toml": b"my own config\n", "magic_summary.json": b'{"mine": 1}',
+              "plots/target_final.png": b"my plot", "plots/lds_notes.png": b"my notes plot",
+              "debug/harm_report.csv": b"my report"}
+
+
+def write_files(root: Path, files: dict) -> None:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+def test_a_directory_of_someone_elses_files_is_refused_before_anything_is_written(tmp_path):
+    """magic and train start a run only in a new, empty or fastreplay-made directory: in any
+    other, fastreplay could not tell the user's config.toml from its own."""
+    run = tmp_path / "run"
+    write_files(run, {**LOOKALIKES, "notes.txt": b"mine"})
+    before = tree(run)
+    procs = fastreplay_all((*magic("0"), "--run-dir", run), ("train", *CONFIG, "--run-dir", run,
+                                                             "--log-level", "WARNING"))
+    for proc in procs:
+        assert error_line(proc) == (
+            f"error: --run-dir {run} is not empty (config.toml, debug, magic_summary.json, "
+            "notes.txt, plots) and has no fastreplay manifest (.fastreplay-manifest.json), so "
+            "fastreplay cannot tell your files from its own; use a new or empty --run-dir (a run "
+            f"stored there by an older fastreplay can be reused with --store {run / 'run.zarr'})")
+    assert tree(run) == before  # not even a .lock
+
+
+def test_files_fastreplay_did_not_write_are_never_overwritten_or_deleted(tmp_path):
     run, outside = tmp_path / "run", tmp_path / "outside"
+    ok(fastreplay(*magic("0"), "--run-dir", run, "--plots"))
+    ok(fastreplay(*LDS, "--run-dir", run, "--plots"))
+    assert {"config.toml", "magic_summary.json", "plots", ".lock", ".fastreplay-manifest.json",
+            "run.zarr"} == {p.name for p in run.iterdir()}
+    ours = ["plots/target_00000.png", "plots/lds_weight_keep0.9.png", ".lock",
+            ".fastreplay-manifest.json"]
+    # The user edits fastreplay's config.toml, replaces its summary with a file of their own and
+    # adds files under names fastreplay writes.
+    mine = {**LOOKALIKES, "config.toml": b"edited by hand\n", "notes.txt": b"mine"}
+    write_files(run, mine)
     outside.mkdir()
-    (outside / "real.png").write_bytes(b"not fastreplay's")
-    fake_run_store(run / "run.zarr")
-    written = ["config.toml", "magic_summary.json", "plots/target_00003.png",
-               "plots/lds_weight_keep0.9.png", ".config.toml.4242.tmp", ".write-probe-4242"]
-    for rel in written:
-        (run / rel).parent.mkdir(parents=True, exist_ok=True)
-        (run / rel).write_bytes(b"fastreplay wrote this")
-    files = user_files(run)
-    files["plots/mine.png"] = b"the user's own plot"
-    (run / "plots" / "mine.png").write_bytes(files["plots/mine.png"])
-    (run / "plots" / "lds_link.png").symlink_to(outside / "real.png")  # never followed
-    (run / "elsewhere").symlink_to(outside, target_is_directory=True)
+    (outside / "photo.png").write_bytes(b"a photo")
+    (run / "plots" / "lds_link.png").symlink_to(outside / "photo.png")
+
+    # An edited config.toml is not overwritten: the rerun is refused, before any work.
+    assert error_line(fastreplay(*magic("0"), "--run-dir", run)) == (
+        f"error: {run / 'config.toml'} exists and fastreplay wrote it, but it was changed since; "
+        "refusing to overwrite it: move it away or use another --run-dir")
+    assert_kept(run, mine)
 
     proc = ok(fastreplay("clean", run, "--what", "all"))
-    assert_kept(run, files)
-    assert (outside / "real.png").read_bytes() == b"not fastreplay's"
+    assert_kept(run, mine)
+    assert (outside / "photo.png").read_bytes() == b"a photo"
+    for rel in ours:
+        assert not (run / rel).exists(), rel
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
-    assert left == sorted([*files, "data", "plots", "plots/lds_link.png", "elsewhere"]), left
+    assert left == sorted([*mine, "debug", "plots", "plots/lds_link.png"]), left
     said = "".join(proc.stderr.split())  # the log wraps long lines anywhere
-    assert f"kept{run}:itstillholds.mine.tmp,data,elsewhere,notes.txt,plots,whichfastreplay" in said
+    assert f"keptconfig.toml,magic_summary.jsonin{run}:fastreplaywrotethem,buttheywerechangedsince" in said
+    assert (f"kept{run}:itstillholdsconfig.toml,debug,magic_summary.json,notes.txt,plots(not"
+            "writtenbyfastreplay,orchangedsince)") in said
 
     # A run directory holding only what fastreplay wrote goes entirely.
     only = tmp_path / "only"
-    fake_run_store(only / "run.zarr")
-    for rel in written:
-        (only / rel).parent.mkdir(parents=True, exist_ok=True)
-        (only / rel).write_bytes(b"fastreplay wrote this")
+    ok(fastreplay(*magic("0"), "--run-dir", only, "--plots"))
     ok(fastreplay("clean", only, "--what", "all"))
     assert not only.exists()
+
+
+def test_nothing_is_written_through_a_symbolic_link(tmp_path):
+    """Neither .lock nor plots/ (nor a plot) is followed: a user file behind the link stays."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo = photos / "target_00000.png"
+    photo.write_bytes(b"a user's photo")
+    (photos / "pid.txt").write_bytes(b"important")
+    lock_link, plots_link, plot_link = (tmp_path / n for n in ("lock", "plots", "plot"))
+    for run in (lock_link, plots_link, plot_link):
+        run.mkdir()
+        (run / ".fastreplay-manifest.json").write_text(
+            '{"format": 1, "files": {}, "dirs": [], "temps": []}')
+    (lock_link / ".lock").symlink_to(photos / "pid.txt")
+    (plots_link / "plots").symlink_to(photos, target_is_directory=True)
+    (plot_link / "plots").mkdir()
+    (plot_link / "plots" / "target_00000.png").symlink_to(photo)
+    procs = fastreplay_all(*((*magic("0"), "--run-dir", run, "--plots")
+                             for run in (lock_link, plots_link, plot_link)))
+    assert [error_line(p) for p in procs] == [
+        f"error: {lock_link / '.lock'} is a symbolic link; fastreplay never writes through one: "
+        "remove the link (fastreplay makes its own lock file there)",
+        f"error: {plots_link / 'plots'} is a symbolic link; fastreplay writes its outputs there "
+        "and never through a link: move it away or use another --run-dir",
+        f"error: {plot_link / 'plots' / 'target_00000.png'} is a symbolic link; fastreplay never "
+        "writes through one: move it away or pass --no-plots"]
+    assert photo.read_bytes() == b"a user's photo"
+    assert (photos / "pid.txt").read_bytes() == b"important"
+    assert sorted(p.name for p in photos.iterdir()) == ["pid.txt", "target_00000.png"]
+    # a regular .lock holding someone's data is not fastreplay's either
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".fastreplay-manifest.json").write_text(
+        '{"format": 1, "files": {}, "dirs": [], "temps": []}')
+    (other / ".lock").write_bytes(b"my lock notes")
+    assert error_line(fastreplay(*magic("0"), "--run-dir", other)) == (
+        f"error: {other / '.lock'} is not a fastreplay lock file (it holds other data); move it "
+        "away: fastreplay keeps its lock under that name")
+    assert (other / ".lock").read_bytes() == b"my lock notes"
+
+
+def test_a_store_is_locked_for_every_run_directory_that_names_it(scored, tmp_path):
+    """A second command cannot discard (--force) or use a store another command is working in,
+    whichever run directory it comes from."""
+    from fastreplay.store import StoreLock
+    run = copy_of(scored, tmp_path)
+    store = run / "run.zarr"
+    before = tree(store)
+    (tmp_path / "c").mkdir()  # lds works in an existing run directory
+    holder = StoreLock(str(store))  # this test process plays the running command
+    try:
+        procs = fastreplay_all(
+            (*magic("0"), "--run-dir", tmp_path / "b", "--store", store, "--force"),
+            (*LDS, "--run-dir", tmp_path / "c", "--store", tmp_path / "run" / ".." / "run" / "run.zarr"),
+            ("clean", tmp_path / "d", "--store", store, "--what", "all"))
+        for proc, shown in zip(procs, (store, tmp_path / "run" / ".." / "run" / "run.zarr", store)):
+            assert error_line(proc) == (
+                f"error: the run store {shown} is in use by another fastreplay process (pid "
+                f"{os.getpid()}); wait for it or use another --store / --run-dir")
+    finally:
+        holder.release()
+    assert tree(store) == before
+    assert not (tmp_path / "b").exists() and not (tmp_path / "d").exists()  # none left behind
+    assert list((tmp_path / "c").iterdir()) == []  # not even a .lock
+    ok(fastreplay(*LDS, "--run-dir", tmp_path / "c", "--store", store))  # released: usable
+
+
+def test_a_hand_edited_stored_config_is_refused(scored, tmp_path):
+    """The config in zarr.json is checked on every open: lds must not retrain with an edited lr
+    (it reported LDS 0.600 instead of 1.000, in silence)."""
+    def edit(run: Path, drop_digest: bool = False) -> None:
+        meta_path = run / "run.zarr" / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        meta["attributes"]["config"]["train"]["lr"] *= 2
+        if drop_digest:  # a store made before the identity digest: the fingerprint catches it
+            meta["attributes"].pop("identity_digest")
+        meta_path.write_text(json.dumps(meta))
+
+    edited, old = copy_of(scored, tmp_path, "edited"), copy_of(scored, tmp_path, "old")
+    edit(edited)
+    edit(old, drop_digest=True)
+    before = tree(edited / "run.zarr")
+    procs = fastreplay_all((*LDS, "--run-dir", edited), (*LDS, "--run-dir", old),
+                           (*magic("0"), "--run-dir", edited))
+    fix = ("restore the store's zarr.json from a copy, or rerun `fastreplay magic` with --force "
+           "(or another --run-dir) to train again")
+    identity = (f"error: the identity of {edited / 'run.zarr'} (its stored config, fingerprint or "
+                f"input fingerprints) was edited or corrupted since the run was made; {fix}")
+    lines = [error_line(p) for p in procs]
+    assert lines[0] == lines[2] == identity
+    assert lines[1].startswith(f"error: the config stored in {old / 'run.zarr'} was edited or "
+                               "corrupted: it no longer matches the run's fingerprint (")
+    assert lines[1].endswith(fix)
+    assert tree(edited / "run.zarr") == before
 
 
 # --- 4. --store URL schemes ------------------------------------------------------------------
@@ -211,6 +342,19 @@ def test_store_urls_file_is_local_and_other_schemes_are_refused(tmp_path):
                 f"error: --store {url}: {scheme}:// is not supported (a run store needs "
                 "persistent storage with atomic writes); use a local path, file:///ABS/PATH or an "
                 f"object-store URL ({allowed})")
+    # One slash after the scheme (a typo): not a local ./s3:/bucket/run.zarr under the cwd.
+    for url in ("s3:/bucket/run.zarr", "s3:bucket/run.zarr", "gs:/bucket/run.zarr"):
+        scheme = url.split(":")[0]
+        for command in (magic("0"), ["lds"], ["clean", run]):
+            args = [*command, "--store", url] + (["--run-dir", run] if command[0] != "clean" else [])
+            assert error_line(fastreplay_in(work, *args)) == (
+                f"error: --store {url} is a URL with a malformed authority ('{scheme}:' must be "
+                f"followed by '//'); write {scheme}://BUCKET/PATH (or ./{url} for a local "
+                "directory of that name)")
+    assert error_line(fastreplay_in(work, *magic("0"), "--run-dir", run, "--store",
+                                    "s3:///run.zarr")) == (
+        "error: --store s3:///run.zarr names no bucket (nothing between 's3://' and the next "
+        "'/'); write s3://BUCKET/PATH")
     assert error_line(fastreplay_in(work, *magic("0"), "--run-dir", run, "--store",
                                     "file://run.zarr")) == (
         "error: --store file://run.zarr is not a local absolute path; write a file:// URL as "

@@ -4,6 +4,7 @@ Layers (kronfluence-style): api (this) -> train / replay / store -> recipe, mode
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -26,13 +27,9 @@ from ..faults import crash_point
 from ..progress import log
 from ..store import (
     DISCARDABLE,
-    LOCK_NAME,
     STORE_NAME,
     Kind,
-    RunDirLock,
     RunStore,
-    check_remote,
-    check_writable,
     discard_store,
     disk_errors,
     identify,
@@ -43,7 +40,7 @@ from ..store import (
 from ..store.inputs import ATTR as INPUTS_ATTR
 from ..store.inputs import check_inputs, inputs_fingerprint
 from ..store.paths import require_path_text, resolve_store_url
-from ..store.rundir import remove_run_files, remove_text_temps, text_temp
+from ..store.rundir import RunDir, claim, clean_run_dir
 from ..task import Task
 from .arguments import check_lds_arguments, check_weights
 
@@ -80,53 +77,33 @@ def store_location(run_dir: str | Path, store_url: str | None = None) -> str:
     return resolve_store_url(require_path_text(store_url, "--store"))
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a small text file via a temporary name and a rename (never half-written)."""
-    path = Path(path)
-    tmp = text_temp(path)
-    with disk_errors(str(path)):
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+def run_dir_path(run_dir) -> Path:
+    """A run directory as given (``~`` expanded, as the CLI does for every path); an empty
+    value (an unset shell variable) is refused."""
+    return Path(os.path.expanduser(require_path_text(run_dir, "--run-dir")))
 
 
-def lock_run_dir(run_dir: str | Path, create: bool = True,
-                 store: str | None = None) -> RunDirLock:
-    """Make sure ``run_dir`` exists and is writable, then take its exclusive lock (held until the
-    store is closed or the process ends, however it ends). ``store`` (default RUN_DIR/run.zarr)
-    is checked too: writable if local, reachable with its bucket and writable if remote."""
-    run_dir = Path(require_path_text(run_dir, "--run-dir"))
-    if run_dir.exists() and not run_dir.is_dir():
-        raise StoreError(f"--run-dir {run_dir} is a file, not a directory; choose a directory")
-    if create:
-        with disk_errors(f"run directory {run_dir}"):
-            run_dir.mkdir(parents=True, exist_ok=True)
-    check_writable(run_dir)
-    lock = RunDirLock(run_dir)
-    try:
-        path = store or str(store_path(run_dir))
-        if is_remote(path):
-            check_remote(path, write=True)
-        elif Path(path).is_dir():
-            check_writable(path)
-        if lock.owner:
-            remove_text_temps(run_dir)  # left by a write_text_atomic that was killed
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
-def _open_locked(path: str, lock: RunDirLock) -> RunStore:
-    """Open the store at ``path`` under the run directory's ``lock`` (kept in ``store.lock``)."""
+def _open_locked(path: str, rd: RunDir) -> RunStore:
+    """Open the store at ``path`` under the run directory ``rd``'s locks (kept in
+    ``store.run_dir`` until ``store.close()``)."""
     store = RunStore.open(path)
-    store.lock = lock
-    if lock.owner:
+    store.run_dir = rd
+    if rd.owner:
         store.remove_partial_files()  # left by a killed writer; we hold the lock
     return store
+
+
+@contextlib.contextmanager
+def _working_in(store: RunStore):
+    """A command's work on a locked store: on success the store is closed (its writes settled,
+    the locks released); on any failure, Ctrl-C included, the locks are released and what is
+    stored stays, so rerunning the command resumes from it."""
+    try:
+        yield store
+    except BaseException:
+        store.run_dir.release()
+        raise
+    store.close()
 
 
 def _refuse_unusable_store(path: str, force: bool) -> None:
@@ -145,27 +122,33 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
                   download: bool = False, store_url: str | None = None,
                   model_factory: ModelFactory = None,
                   data: Optional[ImageData] = None,
-                  task: Optional[Task] = None) -> tuple[Recipe, RunStore]:
+                  task: Optional[Task] = None,
+                  outputs: tuple[str, ...] = ()) -> tuple[Recipe, RunStore]:
     """A store holding a finished run of ``cfg``: reused when present, else trained (or resumed).
     ``task``: the user's own model, data, loss and measurements (fastreplay.task.Task) instead
     of the preset's; ``model_factory`` and ``data`` are shorthands for a task with only those
     (see Recipe). A store trained with another model, other data or other task code is refused
     (fastreplay.store.inputs).
 
-    The store lives at ``store_url`` (see store_location; default RUN_DIR/run.zarr). Takes the
-    run directory's lock (another fastreplay process on it is refused) and keeps it in
-    ``store.lock`` until ``store.close()``.
+    The store lives at ``store_url`` (see store_location; default RUN_DIR/run.zarr). The run
+    directory must be new, empty or fastreplay's (store/rundir.py); ``outputs`` are the files
+    (relative to it) the caller will write after training, refused up front where a file of
+    someone else's stands. Takes the run directory's and the store's locks (another fastreplay
+    process on either is refused) and keeps them in ``store.run_dir`` until ``store.close()``.
     """
+    run_dir = run_dir_path(run_dir)
     path = store_location(run_dir, store_url)
     _refuse_unusable_store(path, force)
     recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory, task=task)
-    lock = lock_run_dir(run_dir, store=path)
+    rd = claim(run_dir, path, new_run=True)
     store = None
     try:
+        rd.check_free(("config.toml",))
+        rd.check_free(outputs, fix="move it away or pass --no-plots")
         if force and discard_store(path):
             log.info("--force: removed the existing run store %s", path)
         if RunStore.exists(path):
-            store = _open_locked(path, lock)
+            store = _open_locked(path, rd)
             if store.fingerprint != cfg.fingerprint():
                 raise StoreError(f"{path} holds a run of a different config (fingerprint "
                                  f"{store.fingerprint} != {cfg.fingerprint()}); use another "
@@ -175,16 +158,16 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
             store = RunStore.create(path, recipe.cfg.to_dict(), cfg.fingerprint(), versions(),
                                     attrs={"step_backend": recipe.runtime.step_backend,
                                            INPUTS_ATTR: inputs_fingerprint(recipe)})
-            store.lock = lock
+            store.run_dir = rd
             crash_point("store_created")
-        write_text_atomic(Path(run_dir) / "config.toml", config_text(recipe))
+        rd.write("config.toml", config_text(recipe))
         if store.status in ("trained", "cleaned"):
             log.info("reusing the trained run in %s", path)
             return recipe, store
         state, seconds = train_into_store(recipe, store)
     except BaseException as exc:
         if store is None:
-            lock.release()
+            rd.release()
         else:  # the background writer stops before the lock goes (Ctrl-C, a failed write, ...)
             store.__exit__(type(exc), exc, exc.__traceback__)
         raise
@@ -257,9 +240,13 @@ def run_magic(cfg: RunConfig, targets: list[int], run_dir: str | Path, force: bo
     window; ``task``, ``model_factory`` and ``data`` as for open_or_train."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    run_dir = run_dir_path(run_dir)
+    outputs = [SUMMARY]
+    if plots and cfg.measure.reduce == "none":
+        outputs += [target_plot(t) for t in targets]
     if is_main():  # rank 0 trains (or reuses) the run; the others wait, then open it
         recipe, store = open_or_train(cfg, run_dir, force, download, store_url, model_factory,
-                                      data, task)
+                                      data, task, outputs=tuple(outputs))
     barrier()
     if not is_main():
         recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory, task=task)
@@ -267,13 +254,16 @@ def run_magic(cfg: RunConfig, targets: list[int], run_dir: str | Path, force: bo
         if cfg.measure.reduce == "none":  # a group is one pass: rank 0 replays it alone
             _merge_scores(store, cfg.measure.kind, targets, recipe)
         return None
-    try:
-        result = _magic_outputs(recipe, store, cfg, targets, run_dir, scores_out, plots)
-    except BaseException:
-        store.lock.release()  # what is stored stays; the next run resumes from it
-        raise
-    store.close()
-    return result
+    with _working_in(store):
+        return _magic_outputs(recipe, store, cfg, targets, run_dir, scores_out, plots)
+
+
+SUMMARY = "magic_summary.json"
+
+
+def target_plot(target: int) -> str:
+    """The influence plot of a target, relative to the run directory."""
+    return f"plots/target_{target:05d}.png"
 
 
 def _magic_outputs(recipe: Recipe, store: RunStore, cfg: RunConfig, targets: list[int], run_dir,
@@ -300,21 +290,21 @@ def _magic_outputs(recipe: Recipe, store: RunStore, cfg: RunConfig, targets: lis
             np.save(result.scores_out, scores)
         log.info("scores (%d targets x %d examples) written to %s", *scores.shape, result.scores_out)
     render = renderer(recipe) if plots else None
+    rd = store.run_dir
     if render is not None:
         from .plots import influence_figure  # matplotlib: imported only when plotting
         data = recipe.data
         train_y = data.train_y.cpu().numpy()
-        with disk_errors(f"the plots in {Path(run_dir) / 'plots'}"):
-            for k, t in enumerate(targets):
-                path = influence_figure(Path(run_dir) / "plots" / f"target_{t:05d}.png", t,
-                                        render(data.test_x[t]), data.test_y[t].cpu().numpy(),
-                                        scores[k], lambda i: render(data.train_x[i]), train_y,
-                                        data.class_names, kind, float(values[k]))
-                result.plots.append(str(path))
+        for k, t in enumerate(targets):
+            png = influence_figure(t, render(data.test_x[t]), data.test_y[t].cpu().numpy(),
+                                   scores[k], lambda i: render(data.train_x[i]), train_y,
+                                   data.class_names, kind, float(values[k]))
+            path = rd.write(target_plot(t), png, fix="move it away or pass --no-plots")
+            result.plots.append(str(path))
         log.info("influence plots written to %s", Path(run_dir) / "plots")
     elif plots:
         log.info("no influence plots: the task's data are not images and it has no show()")
-    write_text_atomic(Path(run_dir) / "magic_summary.json", json.dumps(summary(result), indent=2))
+    rd.write(SUMMARY, json.dumps(summary(result), indent=2))
     return result
 
 
@@ -373,17 +363,19 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
     data) needs the same ``task`` (``model_factory``, ``data``) again: the store's
     fingerprints refuse any other.
 
-    Takes the run directory's lock (kept in ``store.lock`` until ``store.close()``).
+    Takes the run directory's and the store's locks (kept in ``store.run_dir`` until
+    ``store.close()``).
     """
-    from ..config import config_from_dict
+    from ..config import stored_config
+    run_dir = run_dir_path(run_dir)
     path = store_location(run_dir, store_url)
     if not RunStore.exists(path):
         RunStore.open(path).close()  # raises the "no run store" StoreError
     # With a remote store the local run directory (lock, plots) may not exist yet.
-    lock = lock_run_dir(run_dir, create=is_remote(path), store=path)
+    rd = claim(run_dir, path, create=is_remote(path))
     try:
-        store = _open_locked(path, lock)
-        cfg = config_from_dict(store.config)
+        store = _open_locked(path, rd)
+        cfg = stored_config(store)
         if join_torchrun:  # under torchrun this rank works on cuda:LOCAL_RANK (or the CPU)
             from ..distributed import init_from_env
             cfg = with_values(cfg, {"device": init_from_env(cfg.device)})
@@ -391,9 +383,14 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
         check_inputs(recipe, store)
         load_final(recipe, store)  # refuses unfinished runs with a clear message
     except BaseException:
-        lock.release()
+        rd.release()
         raise
     return recipe, store
+
+
+def lds_plot(removal: str, keep: float) -> str:
+    """The LDS figure of an experiment, relative to the run directory."""
+    return f"plots/lds_{removal}_keep{keep:g}.png"
 
 
 def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], removal: str,
@@ -407,19 +404,18 @@ def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], r
     check_lds_arguments(models, keep, removal, mask_seed, models_per_batch)
     # Under torchrun every rank retrains its share of the models (distributed.py).
     recipe, store = open_trained(run_dir, join_torchrun=True, store_url=store_url, task=task)
-    try:
+    # Measured models stay stored on any failure: the next run resumes from them.
+    with _working_in(store):
+        figure = lds_plot(removal, keep)
+        if plots and is_main():
+            store.run_dir.check_free((figure,), fix="move it away or pass --no-plots")
         ids = parse_targets(targets, recipe.data.num_test) if targets else None
         res, predicted, measured = run_lds(recipe, store, models, keep, ids, removal, mask_seed,
                                            models_per_batch)
         if plots and res is not None:  # res is None on ranks other than 0
-            with disk_errors(f"the LDS plot in {Path(run_dir) / 'plots'}"):
-                path = lds_figure(Path(run_dir) / "plots" / f"lds_{removal}_keep{keep:g}.png",
-                                  res, predicted, measured)
+            path = store.run_dir.write(figure, lds_figure(res, predicted, measured),
+                                       fix="move it away or pass --no-plots")
             log.info("LDS plot written to %s", path)
-    except BaseException:
-        store.lock.release()  # measured models stay stored; the next run resumes from them
-        raise
-    store.close()
     return res
 
 
@@ -430,45 +426,39 @@ def run_debug_command(run_dir, group: str, top: int, remove: int, seed: int, plo
     import csv
     import io
 
+    from ..core.measure import resolve_group
     from ..workflows.debug import harm, run_debug
     recipe, store = open_trained(run_dir, store_url=store_url, task=task)
-    try:
+    with _working_in(store):
+        rd = store.run_dir
         if remove > recipe.num_train // 2:
             raise ConfigError(f"--retrain-without {remove} would remove more than half of the "
                               f"{recipe.num_train} training examples; use at most "
                               f"{recipe.num_train // 2}")
+        stem = f"debug/harm_{resolve_group(group, recipe)[0]}"
+        rd.check_free([f"{stem}.csv", f"{stem}.json"] + ([f"{stem}.png"] if plots else []))
         res = run_debug(recipe, store, group, remove, seed)
-        out = Path(run_dir) / "debug"
-        with disk_errors(f"the debug outputs in {out}"):
-            out.mkdir(parents=True, exist_ok=True)
-            harms = harm(res.scores, res.kind)
-            labels = recipe.data.train_y.cpu().numpy()
-            table = io.StringIO()
-            writer = csv.writer(table)
-            writer.writerow(["rank", "index", "label", "score", "harm"])
-            for rank, i in enumerate(res.ranking, start=1):
-                label = labels[i].tolist()
-                writer.writerow([rank, i, label, repr(float(res.scores[i])), repr(float(harms[i]))])
-            stem = out / f"harm_{res.group}"
-            write_text_atomic(stem.with_suffix(".csv"), table.getvalue())
-            res.files.append(str(stem.with_suffix(".csv")))
-            render = renderer(recipe) if plots else None
-            if render is not None:
-                from ..data import flipped_examples
-                from .plots import debug_figure
-                d = recipe.cfg.data
-                flipped = (flipped_examples(recipe.num_train, d.label_noise, d.label_noise_seed)
-                           if res.detection else None)
-                data = recipe.data
-                res.files.append(str(debug_figure(
-                    stem.with_suffix(".png"), res.group, harms, lambda i: render(data.train_x[i]),
-                    labels, data.class_names, flipped, k=min(top, 12))))
-            res.files.append(str(stem.with_suffix(".json")))
-            write_text_atomic(stem.with_suffix(".json"), json.dumps(res.summary(top), indent=2))
-    except BaseException:
-        store.lock.release()
-        raise
-    store.close()
+        harms = harm(res.scores, res.kind)
+        labels = recipe.data.train_y.cpu().numpy()
+        table = io.StringIO()
+        writer = csv.writer(table)
+        writer.writerow(["rank", "index", "label", "score", "harm"])
+        for rank, i in enumerate(res.ranking, start=1):
+            label = labels[i].tolist()
+            writer.writerow([rank, i, label, repr(float(res.scores[i])), repr(float(harms[i]))])
+        res.files.append(str(rd.write(f"{stem}.csv", table.getvalue())))
+        render = renderer(recipe) if plots else None
+        if render is not None:
+            from ..data import flipped_examples
+            from .plots import debug_figure
+            d = recipe.cfg.data
+            flipped = (flipped_examples(recipe.num_train, d.label_noise, d.label_noise_seed)
+                       if res.detection else None)
+            data = recipe.data
+            png = debug_figure(res.group, harms, lambda i: render(data.train_x[i]), labels,
+                               data.class_names, flipped, k=min(top, 12))
+            res.files.append(str(rd.write(f"{stem}.png", png)))
+        res.files.append(str(rd.write(f"{stem}.json", json.dumps(res.summary(top), indent=2))))
     return res
 
 
@@ -479,7 +469,7 @@ def clean_run(run_dir: str | Path, what: str, store_url: str | None = None) -> N
     """Free disk space: delete ``what`` of the run in ``run_dir``: its checkpoints (scores, final
     state and LDS results stay usable), its LDS results, its stored scores (the next `magic`
     replays them; training is reused), or all of it (the store and what fastreplay wrote in the
-    run directory, see rundir.py).
+    run directory, see store/rundir.py).
 
     Only a fastreplay run store is touched (``all`` also takes one whose root metadata is
     damaged but whose layout shows it is ours); anything else at the store location is refused
@@ -487,6 +477,7 @@ def clean_run(run_dir: str | Path, what: str, store_url: str | None = None) -> N
     """
     if what not in CLEAN_CHOICES:
         raise ConfigError(f"--what {what!r}: use {', '.join(CLEAN_CHOICES)}")
+    run_dir = run_dir_path(run_dir)
     path = store_location(run_dir, store_url)
     found = identify(path)
     if found.kind is Kind.ABSENT:
@@ -495,13 +486,15 @@ def clean_run(run_dir: str | Path, what: str, store_url: str | None = None) -> N
     if found.kind not in usable:
         raise refusal(path, found)
     elsewhere = path != str(store_path(run_dir))  # --store: not inside the run directory
-    lock = lock_run_dir(run_dir, create=elsewhere, store=path)
+    rd = claim(run_dir, path, create=elsewhere)
     try:
         if what == "all":
-            _clean_all(Path(run_dir), path, lock)
+            if discard_store(path):
+                log.info("removed %s", path)
+            clean_run_dir(rd)
             return
         store = RunStore.open(path)
-        store.lock = lock
+        store.run_dir = rd
         before = store.nbytes_on_disk()
         if what == "lds":
             store.delete("lds")
@@ -518,24 +511,4 @@ def clean_run(run_dir: str | Path, what: str, store_url: str | None = None) -> N
                      "to retrain", path, before / 1e6, store.nbytes_on_disk() / 1e6)
         store.close()
     finally:
-        lock.release()  # idempotent; already released on success
-
-
-def _clean_all(run_dir: Path, path: str, lock: RunDirLock) -> None:
-    """Delete the store at ``path`` and what fastreplay wrote in ``run_dir`` (rundir.py), under
-    ``lock``; the run directory itself goes only when nothing else is left in it."""
-    if discard_store(path):
-        log.info("removed %s", path)
-    kept = remove_run_files(run_dir)
-    (run_dir / LOCK_NAME).unlink(missing_ok=True)  # last, while still holding it
-    lock.release()
-    if kept:
-        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
-        log.info("kept %s: it still holds %s, which fastreplay did not write", run_dir, shown)
-        return
-    try:
-        run_dir.absolute().rmdir()  # only when empty ("." included)
-    except OSError as exc:
-        log.info("kept %s (%s)", run_dir, exc.strerror or exc)
-        return
-    log.info("removed %s", run_dir)
+        rd.release()  # idempotent; already released on success

@@ -1,10 +1,13 @@
 """The `fastreplay` command line (Typer). Each command is a thin shell over fastreplay.interface.api."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
 import platform
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, List, Optional
@@ -15,7 +18,7 @@ from rich.markup import escape
 
 from ..config import PRESETS, load_config, to_toml, with_values
 from ..exceptions import ConfigError, FastReplayError
-from ..progress import LEVELS, log, setup_logging
+from ..progress import LEVELS, log, log_file_failure, setup_logging
 from ..store.paths import require_path_text, resolve_store_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -24,8 +27,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _path(name: str):
     """Typer parser of the path option ``name``: refuses an empty or blank value (an unset shell
-    variable) while it is still text; Typer would make "" the current directory, Path(".")."""
-    return lambda value: Path(require_path_text(value, name))
+    variable) while it is still text (Typer would make "" the current directory, Path(".")), and
+    expands a leading ``~`` as a shell would have, had the value not been quoted: the command
+    then works in the directory its log names, not in a new one literally called ``~``."""
+    return lambda value: Path(os.path.expanduser(require_path_text(value, name)))
 
 
 def _store_url(value: str) -> str:
@@ -61,12 +66,30 @@ def _config(preset: str, config: Optional[Path], sets: Optional[List[str]]):
     return load_config(preset, config, sets or [])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a batch scheduler's time limit, torchrun stopping a job): handled as
+    Ctrl-C is, so what was stored is kept and the command says how to resume, with exit 143."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 class Interrupted(Exception):
-    """Ctrl-C inside a command; the message says what is kept and how to go on."""
+    """Ctrl-C or SIGTERM inside a command; the message says what is kept and how to go on."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code
+
+
+class TaskExited(FastReplayError):
+    """The user's task code called sys.exit while a command ran."""
 
 
 def _interruptible(command: str) -> Callable:
-    """Turn Ctrl-C inside ``command`` into Interrupted, which main() reports with exit code 130.
+    """Turn Ctrl-C (SIGTERM) inside ``command`` into Interrupted, which main() reports with exit
+    code 130 (143), and a sys.exit from the task's code into a one-line error.
 
     It has to be caught here, inside the command: Typer catches a KeyboardInterrupt that reaches
     it and turns it into an exit code that, under standalone_mode=False, it *returns* instead of
@@ -77,20 +100,39 @@ def _interruptible(command: str) -> Callable:
         def run(**kwargs):
             try:
                 return fn(**kwargs)
-            except KeyboardInterrupt:
-                raise Interrupted(_interrupted_message(command, kwargs)) from None
+            except KeyboardInterrupt as exc:
+                term = isinstance(exc, Terminated)
+                raise Interrupted(_interrupted_message(command, kwargs, term),
+                                  143 if term else 130) from None
+            except SystemExit as exc:  # fastreplay itself never calls sys.exit inside a command
+                raise TaskExited(_exited_message(command, kwargs, exc.code)) from None
         return run
     return decorate
 
 
-def _interrupted_message(command: str, args: dict) -> str:
-    """magic, lds and train --run-dir keep what they stored and resume from it; the other
-    commands store nothing."""
+def _stores(command: str, args: dict) -> Optional[str]:
+    """Where ``command`` keeps what it stored (None: it stores nothing): magic, lds, debug and
+    train --run-dir resume from their store."""
     if command in ("magic", "lds", "debug") or (command == "train"
                                                  and args.get("run_dir") is not None):
-        where = args.get("store") or args["run_dir"]
-        return f"interrupted; rerun the same command to resume (what is stored in {where} is kept)"
-    return f"interrupted; `fastreplay {command}` stores nothing: rerun it to start again"
+        return str(args.get("store") or args["run_dir"])
+    return None
+
+
+def _interrupted_message(command: str, args: dict, terminated: bool = False) -> str:
+    what = "terminated (SIGTERM)" if terminated else "interrupted"
+    where = _stores(command, args)
+    if where is not None:
+        return f"{what}; rerun the same command to resume (what is stored in {where} is kept)"
+    return f"{what}; `fastreplay {command}` stores nothing: rerun it to start again"
+
+
+def _exited_message(command: str, args: dict, code) -> str:
+    where = _stores(command, args)
+    kept = f" (what is stored in {where} is kept)" if where is not None else ""
+    return (f"the task's code called sys.exit({code!r}) during `fastreplay {command}`, which "
+            f"stops here{kept}; remove the sys.exit call from the task (raise an exception to "
+            "report a problem)")
 
 
 def _strict_json(obj):
@@ -106,8 +148,30 @@ def _strict_json(obj):
     return obj
 
 
+class OutputError(FastReplayError):
+    """The command's output could not be written to stdout (closed, a full disk, a closed
+    pipe): reported, with a non-zero exit, instead of lost in silence."""
+
+
+def _emit(text: str) -> None:
+    """Write a line of the command's output to stdout and flush it, or raise OutputError."""
+    out = sys.stdout
+    if out is None:  # the shell closed it (`>&-`): print() and click would drop the text
+        raise OutputError("stdout is closed, so the command's output cannot be written; run it "
+                          "with stdout open (or redirected to a file)")
+    try:
+        out.write(text + "\n")
+        out.flush()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        with contextlib.suppress(OSError, ValueError):  # no second failure at interpreter exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        raise OutputError(f"cannot write the command's output to stdout ({reason}); redirect it "
+                          "to a file on a disk with free space, or read the whole pipe") from None
+
+
 def _echo_json(obj) -> None:
-    typer.echo(json.dumps(_strict_json(obj), default=str, allow_nan=False))
+    _emit(json.dumps(_strict_json(obj), default=str, allow_nan=False))
 
 
 @app.command()
@@ -204,7 +268,7 @@ def train_cmd(
         _echo_json(out)
     else:
         for i, v in zip(ids, values):
-            typer.echo(f"test {i}: {cfg.measure.kind} = {v:.6g}")
+            _emit(f"test {i}: {cfg.measure.kind} = {v:.6g}")
 
 
 def _train_into_run_dir(cfg, run_dir: Path, force: bool, download: bool, store: Optional[str],
@@ -220,7 +284,7 @@ def _train_into_run_dir(cfg, run_dir: Path, force: bool, download: bool, store: 
     if json_:
         _echo_json(out)
     else:
-        typer.echo(f"trained {out['steps']} steps in {out['train_seconds']:.1f}s, test accuracy "
+        _emit(f"trained {out['steps']} steps in {out['train_seconds']:.1f}s, test accuracy "
                    f"{100 * out['test_accuracy']:.2f}%; run stored in {out['store']}")
 
 
@@ -375,7 +439,7 @@ def bench(
         _echo_json(out)
         return
     for r in rows:
-        typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+        _emit(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 
 
 @app.command()
@@ -421,7 +485,7 @@ def show_config(preset: Preset = "quick", config: ConfigFile = None, set_: Sets 
     if json_:
         _echo_json(cfg.to_dict())
     else:
-        typer.echo(to_toml(cfg), nl=False)
+        _emit(to_toml(cfg).rstrip("\n"))
 
 
 @app.command()
@@ -461,36 +525,69 @@ def info(json_: Json = False):
         _echo_json(out)
     else:
         for k, v in out.items():
-            typer.echo(f"{k:18s} {v}")
+            _emit(f"{k:18s} {v}")
 
 
 def main() -> None:
     """Run the command the arguments name and exit with its code: 0 done, 2 bad input (one
-    `error: ...` line on stderr), 130 interrupted (Ctrl-C)."""
-    code = _run_command()
-    _settle_store_writes()
+    `error: ...` line on stderr, also when the log file or the output could not be written),
+    130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
+    previous = _handle_sigterm()
+    try:
+        code = _run_command()
+        _settle_store_writes()
+    finally:
+        if previous is not None:  # main() run in-process (tests): leave the handler as it was
+            signal.signal(signal.SIGTERM, previous)
+    failed = log_file_failure()
+    if failed and code in (0, None):  # the log the user asked for is incomplete: say so
+        code = _error(failed)
     sys.exit(code)
 
 
+def _handle_sigterm():
+    """Install the SIGTERM handler (Terminated); returns the previous one (None where signals
+    cannot be handled: a thread other than the main one)."""
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:
+        return None
+
+
+def _stopped(exc: BaseException) -> int:
+    """A Ctrl-C or SIGTERM outside a command (start-up, argument parsing): one line, 130/143."""
+    if isinstance(exc, Terminated):
+        typer.echo("terminated (SIGTERM)", err=True)
+        return 143
+    typer.echo("interrupted", err=True)
+    return 130
+
+
+PRINTING = ("train", "bench", "show-config", "info")
+"""Commands whose results go to stdout even without --json (the others log to stderr)."""
+
+
 def _run_command() -> int:
+    args = sys.argv[1:]
+    if sys.stdout is None and ("--json" in args or any(a in PRINTING for a in args[:1])):
+        return _error("stdout is closed, so the command's output cannot be written; run it with "
+                      "stdout open (or redirected to a file)")  # before any work, not after it
     try:
         returned = app(standalone_mode=False)
     except FastReplayError as exc:
         return _error(str(exc))
     except Interrupted as exc:
         typer.echo(exc, err=True)
-        return 130
-    except KeyboardInterrupt:  # before a command started (Typer catches it inside one)
-        typer.echo("interrupted", err=True)
-        return 130
+        return exc.code
+    except KeyboardInterrupt as exc:  # before a command started (Typer catches it inside one)
+        return _stopped(exc)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Exception as exc:
         if _is_click_error(exc):
             return _click_error(exc)
         if type(exc).__name__ == "Abort" and isinstance(exc.__context__, KeyboardInterrupt):
-            typer.echo("interrupted", err=True)  # click without Typer's own handling: Ctrl-C
-            return 130
+            return _stopped(exc.__context__)  # click without Typer's own handling: Ctrl-C
         raise  # an EOFError that Typer wrapped as Abort, or a bug: its traceback says where
     # Under standalone_mode=False Typer returns exit codes instead of exiting with them:
     # typer.Exit(n), and 130 for a Ctrl-C it caught itself (outside our commands, e.g. clean).

@@ -1,7 +1,7 @@
 """Figures people would rather look at than read: a target's most helpful and harmful examples."""
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import matplotlib
 
@@ -26,13 +26,14 @@ def _label(label, class_names) -> str:
     return np.array2string(label, precision=3, threshold=4)
 
 
-def _save(fig, path: str | Path) -> Path:
+def _png(fig) -> bytes:
+    """The figure as PNG bytes: the caller writes them into the run directory (store/rundir.py
+    decides whether it may, and never through a link)."""
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    out = io.BytesIO()
+    fig.savefig(out, dpi=110, format="png")
     plt.close(fig)
-    return path
+    return out.getvalue()
 
 
 def helpful_order(scores: np.ndarray, kind: str) -> np.ndarray:
@@ -41,9 +42,9 @@ def helpful_order(scores: np.ndarray, kind: str) -> np.ndarray:
     return np.argsort(scores if kind == "loss" else -scores, kind="stable")
 
 
-def influence_figure(path: str | Path, target: int, target_image: np.ndarray, target_label,
+def influence_figure(target: int, target_image: np.ndarray, target_label,
                      scores: np.ndarray, train_image, train_labels: np.ndarray,
-                     class_names, kind: str, value: float, k: int = 8) -> Path:
+                     class_names, kind: str, value: float, k: int = 8) -> bytes:
     """PNG: the target, then its k most helpful (top row) and k most harmful (bottom row).
     ``train_image(i)`` draws training example i (an image array); a training example whose
     label is the target's is titled green, others red."""
@@ -63,11 +64,11 @@ def influence_figure(path: str | Path, target: int, target_image: np.ndarray, ta
         axes[r, 1].yaxis.set_visible(True)
     fig.suptitle(f"Most helpful (top) and harmful (bottom) training examples, d{kind}/dw",
                  fontsize=8)
-    return _save(fig, path)
+    return _png(fig)
 
 
-def debug_figure(path: str | Path, group: str, harms: np.ndarray, train_image,
-                 train_labels: np.ndarray, class_names, flipped=None, k: int = 8) -> Path:
+def debug_figure(group: str, harms: np.ndarray, train_image, train_labels: np.ndarray,
+                 class_names, flipped=None, k: int = 8) -> bytes:
     """PNG: the k training examples that most harm the group's mean measurement (top row) and
     the k that most help it (bottom row), each with its label and harm; with planted label
     noise, a flipped example is titled red."""
@@ -84,11 +85,10 @@ def debug_figure(path: str | Path, group: str, harms: np.ndarray, train_image,
         axes[r, 0].yaxis.set_visible(True)
     fig.suptitle(f"Most harmful (top) and helpful (bottom) training examples for group {group}"
                  + (" (red: flipped label)" if flipped else ""), fontsize=8)
-    return _save(fig, path)
+    return _png(fig)
 
 
-def lds_figure(path: str | Path, result, predicted: np.ndarray, measured: np.ndarray,
-               show: int = 4) -> Path:
+def lds_figure(result, predicted: np.ndarray, measured: np.ndarray, show: int = 4) -> bytes:
     """Predicted vs measured for the best few measurements, and the histogram of per-target LDS."""
     lds = np.asarray(result.per_target["lds"], dtype=np.float64)
     cols = list(np.argsort(-np.nan_to_num(lds, nan=-2))[:show])
@@ -104,4 +104,4 @@ def lds_figure(path: str | Path, result, predicted: np.ndarray, measured: np.nda
     axes[-1].set_xlabel("per-target LDS", fontsize=7)
     fig.suptitle(f"{result.removal} removal, keep {result.keep:g}, {result.models} models, "
                  f"{len(lds)} targets; CI: {result.ci_method}", fontsize=8)
-    return _save(fig, path)
+    return _png(fig)

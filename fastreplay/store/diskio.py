@@ -159,17 +159,22 @@ def remove_partial_files(root) -> int:
 def check_writable(directory) -> None:
     """Raise a one-line StoreError unless a file can be created in ``directory`` (a probe write:
     permission bits alone do not say it, e.g. for root or a read-only mount)."""
-    probe = os.path.join(os.fspath(directory), f".write-probe-{os.getpid()}")
+    # A fresh name, created exclusively and never through a link: a file of the user's that
+    # happened to have the probe's name is never opened, let alone truncated or deleted.
+    probe = os.path.join(os.fspath(directory), f".write-probe-{uuid.uuid4().hex}")
+    created = False
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        created = True
         try:
             os.write(fd, b"x")
         finally:
             os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(probe)
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
         if exc.errno in _READ_ONLY:
             raise StoreError(f"run directory {directory} is not writable ({exc.strerror}); make it "
                              f"writable (chmod -R u+w {directory}) or use another --run-dir") from None

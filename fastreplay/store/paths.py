@@ -9,6 +9,7 @@ and Path("") is ".", the current directory, so a command would write its run the
 from __future__ import annotations
 
 import os
+import re
 
 from ..exceptions import ConfigError, StoreError
 
@@ -32,6 +33,13 @@ def require_path_text(value, name: str) -> str:
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 
+_MALFORMED_URL = re.compile(r"^(" + "|".join(OBJECT_STORE_SCHEMES + ("file",))
+                            + r"):(?!//)", re.IGNORECASE)
+"""An object-store or file scheme followed by ':' but not '//' (s3:/bucket/run.zarr, s3:bucket):
+a typo, which taken as a local path would create ./s3:/bucket/run.zarr while the log named the
+bucket."""
+
+
 def local_path(path: str) -> str:
     """The plain path of a local store location: ``file:///abs/p`` and ``file://localhost/abs/p``
     are ``/abs/p``; anything without ``://`` is returned as it is."""
@@ -46,9 +54,19 @@ def resolve_store_url(url: str) -> str:
     URL made plain) or an object-store URL (see OBJECT_STORE_SCHEMES), unchanged. Anything else
     is a one-line StoreError, raised before the command does any work."""
     url = os.fspath(url)
+    malformed = _MALFORMED_URL.match(url)
+    if malformed:
+        scheme = malformed.group(1)
+        example = "file:///ABS/PATH" if scheme.lower() == "file" else f"{scheme}://BUCKET/PATH"
+        raise StoreError(f"--store {url} is a URL with a malformed authority ('{scheme}:' must be "
+                         f"followed by '//'); write {example} (or ./{url} for a local directory "
+                         "of that name)")
     if "://" not in url:
         return os.path.expanduser(url)
     scheme = url.split("://", 1)[0]
+    if scheme.lower() in OBJECT_STORE_SCHEMES and not url.split("://", 1)[1].split("/", 1)[0]:
+        raise StoreError(f"--store {url} names no bucket (nothing between '{scheme}://' and the "
+                         f"next '/'); write {scheme}://BUCKET/PATH")
     if scheme == "file":
         path = local_path(url)
         if not path.startswith("/"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 
 from ..exceptions import StoreError
 from .paths import resolve_store_url
@@ -94,7 +95,7 @@ def check_remote(url: str, write: bool = False):
                                  "with these credentials); create it or fix --store") from None
         if write:
             parent, _, name = path.rpartition("/")
-            probe = f"{parent}/.{name}.write-probe-{os.getpid()}"
+            probe = f"{parent}/.{name}.write-probe-{uuid.uuid4().hex}"  # never a user's object
             try:
                 fs.pipe_file(probe, b"x")
             finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -29,7 +30,6 @@ from .diskio import (
     remove_partial_files,
 )
 from .identity import DISCARDABLE, Kind, identify, refusal
-from .locks import RunDirLock
 from .paths import local_path
 from .remote import (
     _REMOTE_OPTIONS,
@@ -116,6 +116,22 @@ def _jsonable(v):
     return v
 
 
+_DIGEST = "identity_digest"
+_IDENTITY = ("config", "fingerprint", "inputs")
+"""The attributes that say which run a store holds; their digest is recorded when the store is
+made and checked on every open, so a hand edit (an lr changed in zarr.json) is refused instead
+of silently retraining with it. Stores made before the digest existed are checked through the
+config's fingerprint only (config.stored_config)."""
+
+
+def _identity_digest(attrs: dict) -> str:
+    """sha256 of the identity attributes as canonical JSON (what zarr reads back equals what
+    was written: floats round-trip exactly)."""
+    ident = {k: attrs.get(k) for k in _IDENTITY}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -127,7 +143,7 @@ class RunStore:
         self.path = str(path)
         self._group = group
         self._writer = AsyncWriter(writer_maxsize)
-        self.lock: RunDirLock | None = None  # released by close()
+        self.run_dir = None  # the RunDir (store/rundir.py) whose locks close() releases
 
     @classmethod
     def create(cls, path, config: dict, fingerprint: str, versions: dict,
@@ -144,6 +160,7 @@ class RunStore:
         now = _now()
         meta = {**_jsonable(attrs or {}), "config": config, "fingerprint": fingerprint,
                 "versions": versions, "status": "created", "created": now, "updated": now}
+        meta[_DIGEST] = _identity_digest(meta)
         if not _is_local(path):
             # One object write (zarr.json with the identity attrs) makes the group: it never
             # exists without its fingerprint.
@@ -196,6 +213,12 @@ class RunStore:
         if "fingerprint" not in group.attrs or "config" not in group.attrs:
             raise StoreError(f"{path} is a Zarr group but not a fastreplay run store; "
                              "check --run-dir")
+        attrs = group.attrs.asdict()
+        if _DIGEST in attrs and attrs[_DIGEST] != _identity_digest(attrs):
+            raise StoreError(f"the identity of {path} (its stored config, fingerprint or input "
+                             "fingerprints) was edited or corrupted since the run was made; "
+                             "restore the store's zarr.json from a copy, or rerun `fastreplay "
+                             "magic` with --force (or another --run-dir) to train again")
         return cls(path, group)
 
     @staticmethod
@@ -213,8 +236,8 @@ class RunStore:
         try:
             self._writer.close()
         finally:
-            if self.lock is not None:
-                self.lock.release()
+            if self.run_dir is not None:
+                self.run_dir.release()
 
     def __enter__(self) -> RunStore:
         return self
@@ -223,8 +246,8 @@ class RunStore:
         try:
             self._writer.__exit__(exc_type, exc, tb)
         finally:
-            if self.lock is not None:
-                self.lock.release()
+            if self.run_dir is not None:
+                self.run_dir.release()
 
     @property
     def config(self) -> dict:
@@ -343,7 +366,7 @@ class RunStore:
         """The `fastreplay clean` command line that deletes ``what`` from this store, for the
         fix part of error messages (RUN_DIR where the run directory is unknown)."""
         store = Path(local_path(self.path)) if _is_local(self.path) else None
-        run_dir = self.lock.run_dir if self.lock is not None else None
+        run_dir = str(self.run_dir.path) if self.run_dir is not None else None
         if run_dir is None and store is not None and store.name == STORE_NAME:
             run_dir = str(store.parent)
         command = f"fastreplay clean {shlex.quote(run_dir) if run_dir else 'RUN_DIR'} --what {what}"
