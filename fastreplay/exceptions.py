@@ -37,3 +37,12 @@ class KernelError(FastReplayError):
 class PeerStopped(FastReplayError):
     """Under torchrun, another process of the job stopped (its own error says why), so this one
     cannot finish the collective step it was waiting in."""
+
+
+class OutputError(FastReplayError):
+    """The command's output could not be written to stdout (closed, a full disk, a closed pipe):
+    reported with a non-zero exit instead of lost in silence."""
+
+
+class TaskExited(FastReplayError):
+    """The user's task code called sys.exit while a command ran."""

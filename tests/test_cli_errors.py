@@ -325,10 +325,17 @@ def test_output_that_cannot_be_written_is_an_error_not_a_silent_success(tmp_path
         _sigint_default()
         os.close(1)
 
-    closed = fastreplay("info", "--json", stdout=None, stderr=subprocess.PIPE,
-                        preexec_fn=close_stdout)
-    _, err = closed.communicate(timeout=120)
-    closed = subprocess.CompletedProcess([], closed.returncode, "", err)
+    def without_stdout(*args) -> subprocess.CompletedProcess:
+        proc = fastreplay(*args, stdout=None, stderr=subprocess.PIPE, preexec_fn=close_stdout)
+        _, err = proc.communicate(timeout=120)
+        return subprocess.CompletedProcess(args, proc.returncode, "", err)
+
+    closed = without_stdout("info", "--json")
+    # refused before any work: no training whose summary would then be lost
+    closed_magic = without_stdout("magic", *CONFIG, "--targets", "0", "--json", "--run-dir",
+                                  tmp_path / "run2")
+    assert error_line(closed_magic) == error_line(closed)
+    assert not (tmp_path / "run2").exists()
     with open("/dev/full", "w") as full:
         filled = fastreplay("show-config", "--preset", "test", stdout=full, stderr=subprocess.PIPE)
         _, err = filled.communicate(timeout=120)

@@ -231,6 +231,35 @@ def test_files_fastreplay_did_not_write_are_never_overwritten_or_deleted(tmp_pat
     assert not only.exists()
 
 
+def test_a_run_directory_writes_only_over_its_own_unchanged_files(tmp_path):
+    """RunDir.write itself (not only the commands' checks before any work) refuses a file the
+    manifest does not list, or whose content changed since; the manifest survives a reopen."""
+    from fastreplay.exceptions import StoreError
+    from fastreplay.store.rundir import claim
+    run = tmp_path / "run"
+    rd = claim(run, str(run / "run.zarr"), new_run=True)
+    try:
+        rd.write("a/ours.txt", b"1")
+        rd.write("a/ours.txt", b"2")  # ours and unchanged: replaced
+        (run / "a" / "ours.txt").write_bytes(b"edited")
+        (run / "theirs.txt").write_bytes(b"user")
+        with pytest.raises(StoreError, match="fastreplay wrote it, but it was changed since"):
+            rd.write("a/ours.txt", b"3")
+        with pytest.raises(StoreError, match="exists and fastreplay did not write it"):
+            rd.write("theirs.txt", b"3")
+    finally:
+        rd.release()
+    assert (run / "a" / "ours.txt").read_bytes() == b"edited"
+    assert (run / "theirs.txt").read_bytes() == b"user"
+    rd = claim(run, str(run / "run.zarr"))
+    try:
+        (run / "a" / "ours.txt").write_bytes(b"2")  # back to what fastreplay wrote: ours again
+        assert rd.ours("a/ours.txt") and not rd.ours("theirs.txt")
+        assert [p.name for p in run.glob("**/*.tmp")] == []  # no temporary left behind
+    finally:
+        rd.release()
+
+
 def test_nothing_is_written_through_a_symbolic_link(tmp_path):
     """Neither .lock nor plots/ (nor a plot) is followed: a user file behind the link stays."""
     photos = tmp_path / "photos"

@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from ..config import PRESETS, load_config, to_toml, with_values
-from ..exceptions import ConfigError, FastReplayError
+from ..exceptions import ConfigError, FastReplayError, OutputError, TaskExited
 from ..progress import LEVELS, log, log_file_failure, setup_logging
 from ..store.paths import require_path_text, resolve_store_url
 
@@ -83,10 +83,6 @@ class Interrupted(Exception):
         self.code = code
 
 
-class TaskExited(FastReplayError):
-    """The user's task code called sys.exit while a command ran."""
-
-
 def _interruptible(command: str) -> Callable:
     """Turn Ctrl-C (SIGTERM) inside ``command`` into Interrupted, which main() reports with exit
     code 130 (143), and a sys.exit from the task's code into a one-line error.
@@ -146,11 +142,6 @@ def _strict_json(obj):
     if hasattr(obj, "tolist"):
         return _strict_json(obj.tolist())
     return obj
-
-
-class OutputError(FastReplayError):
-    """The command's output could not be written to stdout (closed, a full disk, a closed
-    pipe): reported, with a non-zero exit, instead of lost in silence."""
 
 
 def _emit(text: str) -> None:
