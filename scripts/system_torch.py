@@ -36,10 +36,13 @@ try:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
     from packaging.version import Version
-except ImportError:  # a bare interpreter: pip's vendored copy
-    from pip._vendor.packaging.requirements import Requirement
-    from pip._vendor.packaging.utils import canonicalize_name
-    from pip._vendor.packaging.version import Version
+except ImportError:
+    try:  # a bare interpreter: pip's vendored copy
+        from pip._vendor.packaging.requirements import Requirement
+        from pip._vendor.packaging.utils import canonicalize_name
+        from pip._vendor.packaging.version import Version
+    except ImportError:  # no pip either: then its torch was not installed by pip
+        Requirement = None
 
 HEAVY_BYTES = 100 * 2**20
 PTH_NAME = "_fastreplay_system_torch.pth"
@@ -107,7 +110,19 @@ def requirement_closure(roots: list[md.Distribution]) -> dict[str, md.Distributi
     return {k: d for k, (d, _) in seen.items()}
 
 
-def fitting_roots() -> tuple[list[md.Distribution], str]:
+def venv_python(venv: Path) -> str:
+    """The venv's Python version, major.minor, from its pyvenv.cfg."""
+    cfg = (venv / "pyvenv.cfg").read_text()
+    found = re.search(r"^version(?:_info)?\s*=\s*(\d+)\.(\d+)", cfg, re.M)
+    return f"{found.group(1)}.{found.group(2)}" if found else "unknown"
+
+
+def fitting_roots(venv: Path) -> tuple[list[md.Distribution], str]:
+    if Requirement is None:
+        raise NoReuse(f"{sys.executable} has neither packaging nor pip")
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if venv_python(venv) != here:  # a .venv made earlier by another interpreter
+        raise NoReuse(f"the venv runs Python {venv_python(venv)}, {sys.executable} is {here}")
     spec = Requirement(torch_spec())
     try:
         torch_dist = md.distribution("torch")
@@ -261,7 +276,7 @@ def main() -> int:
         if any(p.name.startswith("torch-") and not p.is_symlink()
                for p in site.glob("torch-*.dist-info")):
             raise NoReuse(f"the venv has its own torch ({site})")
-        roots, note = fitting_roots()
+        roots, note = fitting_roots(venv)
         linked = heavy_set(roots)
         targets = link_targets(linked)
     except NoReuse as why:
