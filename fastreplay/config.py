@@ -97,11 +97,23 @@ class TrainConfig:
     positive value keeps the adjoint finite where a second moment is 0 and makes the run
     smoother to attribute (1e-8 to 1e-6 are typical)."""
     schedule: str = "onecycle"
-    """constant | onecycle (linear warm-up to the peak, then linear decay)."""
+    """constant | onecycle (linear warm-up to the peak, then linear decay) | cosine (linear
+    warm-up to the peak, then cosine decay: the fine-tuning schedule of transformers'
+    get_cosine_schedule_with_warmup)."""
     peak_at: float = 0.25
-    """Fraction of training at which onecycle reaches the peak."""
+    """Fraction of training at which onecycle and cosine reach the peak (the warm-up)."""
     start_factor: float = 0.1
     end_factor: float = 0.0
+    clip_norm: float = 0.0
+    """Global gradient-norm clipping: each step's gradient g (of the data-weighted loss, before
+    weight decay) is scaled by min(1, clip_norm / (||g|| + 1e-6)), as
+    torch.nn.utils.clip_grad_norm_ does; 0 = off. Differentiated exactly, clipped steps
+    included (docs/design.md §3, "Gradient clipping")."""
+    micro_batch: int = 0
+    """Gradient accumulation: each step's gradient is the sum of the gradients of consecutive
+    micro-batches of this many examples (it must divide train.batch_size), the same step as one
+    batch in exact arithmetic, in less memory; 0 = one pass per batch. Not with BatchNorm (its
+    batch statistics would be the micro-batch's)."""
     bias_lr_scale: float = 1.0
     """Learning-rate multiplier for the no-decay group (BatchNorm parameters and biases)."""
     lr_convention: str = "mean"
@@ -207,7 +219,8 @@ SECTIONS = ("data", "model", "train", "measure", "replay")
 KEYS_ADDED_LATER = (("train", "bf16"), ("train", "lr_convention"), ("model", "lse_eps"),
                     ("model", "inner_pool"), ("train", "optimizer"), ("train", "beta1"),
                     ("train", "beta2"), ("train", "eps"), ("train", "eps_root"),
-                    ("data", "label_noise"), ("data", "label_noise_seed"))
+                    ("data", "label_noise"), ("data", "label_noise_seed"),
+                    ("train", "clip_norm"), ("train", "micro_batch"))
 """Trajectory keys the fingerprint leaves out while they hold their defaults."""
 
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
@@ -232,6 +245,7 @@ INT_LIMITS: dict[str, tuple[int, int, str]] = {
     "model.hidden": (1, 65_536, ""),
     "train.epochs": (1, 1000, ""),
     "train.batch_size": (2, 65_536, "BatchNorm needs two examples"),
+    "train.micro_batch": (0, 65_536, "0 = off"),
     "replay.checkpoint_every": (1, 1_000_000_000, ""),
     "replay.tree_arity": (2, 1024, ""),
     "replay.start_step": (0, 1_000_000_000, ""),
@@ -388,7 +402,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.lr > 0, "train.lr must be > 0")
     need(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
     need(t.weight_decay >= 0, "train.weight_decay must be >= 0")
-    need(t.schedule in ("constant", "onecycle"), "train.schedule must be constant or onecycle")
+    need(t.schedule in ("constant", "onecycle", "cosine"),
+         "train.schedule must be constant, onecycle or cosine")
+    need(t.clip_norm >= 0, "train.clip_norm must be >= 0 (0 = no clipping)")
+    need(t.micro_batch >= 0 and (t.micro_batch == 0 or t.batch_size % t.micro_batch == 0),
+         f"train.micro_batch={t.micro_batch} must divide train.batch_size={t.batch_size} (0 = "
+         "no accumulation)")
     need(0 < t.peak_at < 1, "train.peak_at must be in (0, 1)")
     need(t.start_factor >= 0 and t.end_factor >= 0, "train.start_factor/end_factor must be >= 0")
     need(t.bias_lr_scale > 0, "train.bias_lr_scale must be > 0")

@@ -46,10 +46,14 @@ def lr_table(t: TrainConfig, num_steps: int, num_groups: int) -> np.ndarray:
     s = np.arange(num_steps, dtype=np.float64)
     if t.schedule == "constant":
         factor = np.ones(num_steps)
-    else:  # onecycle: linear start->peak over peak_at of training, then linear peak->end
+    else:  # linear start->peak over peak_at of training, then peak->end
         peak = max(1.0, t.peak_at * num_steps)
         up = t.start_factor + (1 - t.start_factor) * s / peak
-        down = 1 + (t.end_factor - 1) * (s - peak) / max(1.0, num_steps - peak)
+        progress = (s - peak) / max(1.0, num_steps - peak)
+        if t.schedule == "onecycle":  # linear decay
+            down = 1 + (t.end_factor - 1) * progress
+        else:  # cosine decay, as transformers' get_cosine_schedule_with_warmup (end_factor 0)
+            down = t.end_factor + (1 - t.end_factor) * 0.5 * (1 + np.cos(np.pi * progress))
         factor = np.where(s < peak, up, down)
     scales = [1.0, t.bias_lr_scale][:num_groups]
     peak_eta = mean_loss_lr_and_decay(t)[0]

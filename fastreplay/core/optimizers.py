@@ -50,8 +50,11 @@ class Optimizer:
 
 def build_optimizer(t: TrainConfig, num_steps: int, group_ends, step_backend: str,
                     adjoint_backend: str):
-    """The optimizer train.optimizer names, resolved for a run of ``num_steps`` steps."""
+    """The optimizer train.optimizer names, resolved for a run of ``num_steps`` steps, behind
+    the gradient clip when train.clip_norm is set (core/clip.py)."""
     from .adam import Adam
+    from .clip import Clipped
     from .sgd import SGD
     cls = SGD if t.optimizer == "sgd" else Adam
-    return cls.from_config(t, num_steps, group_ends, step_backend, adjoint_backend)
+    opt = cls.from_config(t, num_steps, group_ends, step_backend, adjoint_backend)
+    return Clipped(opt, t.clip_norm) if t.clip_norm > 0 else opt

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .clip import Clipped, clip_gradient
 from .measure import measurement_values
 from .optim import group_slices, moments
 from .recipe import Recipe
@@ -17,6 +18,9 @@ from .sgd import SGD
 def unrolled_training(recipe: Recipe, weights: torch.Tensor):
     """Final (theta, buffers) as differentiable functions of ``weights``."""
     opt = recipe.optimizer
+    max_norm = opt.max_norm if isinstance(opt, Clipped) else 0.0
+    if max_norm:
+        opt = opt.inner
     step = _sgd_step if isinstance(opt, SGD) else _adam_step
     theta = recipe.model.theta0.clone().requires_grad_(True)
     state = opt.init(theta).detach()
@@ -25,6 +29,8 @@ def unrolled_training(recipe: Recipe, weights: torch.Tensor):
         w = recipe.step_weights(weights, t)[recipe.plan.indices[t]]
         loss, buffers = recipe.batch_loss(theta, buffers, t, w)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        if max_norm:
+            grad = clip_gradient(grad, max_norm)
         parts = [step(opt, t, g_idx, theta[sl], state, sl, grad[sl])
                  for g_idx, sl in enumerate(group_slices(recipe.model.group_ends))]
         theta = torch.cat([th for th, _ in parts])
