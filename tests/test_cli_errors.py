@@ -453,11 +453,12 @@ def _quiet(command, param, argv: list[str]) -> list[str]:
         "--log-level" not in param.opts else argv
 
 
-def _hostile_sweep(monkeypatch, capsys, tmp_path, base_args, commands=None) -> list[str]:
-    """Every value option of ``commands`` (default: all) x HOSTILE, each on top of the valid
-    ``base_args(command)``, through main() in this process: the runs that did not end in exit
-    0, 2 or 130, ended in an exception (what a user sees as a traceback), or exited 2 without
-    exactly one error line."""
+def _hostile_sweep(monkeypatch, capsys, tmp_path, base_args, commands=None,
+                   more=None) -> list[str]:
+    """Every value option of ``commands`` (default: all) x HOSTILE (and the values ``more``
+    gives an option, by its name), each on top of the valid ``base_args(command)``, through
+    main() in this process: the runs that did not end in exit 0, 2 or 130, ended in an
+    exception (what a user sees as a traceback), or exited 2 without exactly one error line."""
     files = {"binary": tmp_path / "binary.bin", "missing": tmp_path / "missing" / "x"}
     files["binary"].write_bytes(bytes(range(256)) * 4)
     failures = []
@@ -465,7 +466,7 @@ def _hostile_sweep(monkeypatch, capsys, tmp_path, base_args, commands=None) -> l
         if commands is not None and name not in commands:
             continue
         for param in _value_params(command):
-            for raw in HOSTILE:
+            for raw in HOSTILE + (more or {}).get(param.opts[0], []):
                 value = _fill([raw], files)[0]
                 argv = [name, *_quiet(command, param, _with_value(base_args(name), param, value))]
                 try:
@@ -520,8 +521,15 @@ def test_hostile_values_with_an_own_task_never_end_in_a_traceback(tmp_path, monk
     }
     assert set(bases) == {n for n, c in _commands().items()
                           if any("--task" in p.opts for p in c.params)}
+    # FILE:FUNCTION specs of hostile files and functions: binary, missing, not a function, a
+    # function returning no Task, a config file
+    module = TASK_SPEC.rpartition(":")[0]
+    specs = ["{binary}:make_task", "{missing}.py:make_task", f"{module}:FEATURES",
+             f"{module}:model", f"{REPO / 'examples' / 'digits_mlp.toml'}:make_task"]
+    np.save(tmp_path / "floats.npy", np.array([0.0, 1.5]))  # --group ids that are no ids
     failures = _hostile_sweep(monkeypatch, capsys, tmp_path, lambda name: bases[name],
-                              TASK_COMMANDS)
+                              TASK_COMMANDS, {"--task": specs,
+                                              "--group": [str(tmp_path / "floats.npy")]})
     assert not failures, "\n".join(failures)
 
 

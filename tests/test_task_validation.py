@@ -28,7 +28,7 @@ from fastreplay.core.recipe import Recipe
 from fastreplay.exceptions import ConfigError, DataError, ReplayError, TrainingError
 from fastreplay.interface.api import run_magic
 from fastreplay.store import RunStore
-from fastreplay.task import ArrayData, Task, load_task
+from fastreplay.task import ArrayData, Task, load_task, num_test_examples
 
 TASK_FILE = Path(__file__).parent / "tasks" / "tabular_task.py"
 SPEC = f"{TASK_FILE}:make_task"
@@ -134,6 +134,17 @@ def cli_results(tmp_path_factory):
 def test_bad_task_files_are_one_line_errors_on_the_command_line(name, cli_results):
     root, results = cli_results
     assert error_line(results[name]) == expected_cli_lines(root)[name]
+
+
+def test_test_targets_without_a_length_are_refused_before_magic_counts_them():
+    """`magic` range-checks --targets with the number of test examples before any Recipe
+    exists (cli.magic reads it through task.num_test_examples)."""
+    data = load_task(SPEC).data
+    with pytest.raises(DataError) as err:
+        num_test_examples(task_with(data=data_with(test_y=5)))
+    assert str(err.value) == ("ArrayData.test_y (int) has no length; give an array with one "
+                              "target per test example")
+    assert num_test_examples(task_with()) == 8
 
 
 def test_a_built_module_is_refused_from_python_too():
