@@ -297,6 +297,21 @@ def _as_tensor(a, what: str) -> torch.Tensor:
     return t.detach().cpu()
 
 
+def _finite(t: torch.Tensor, what: str, role: str) -> torch.Tensor:
+    """``t`` (N, ...) in the run's dtype, refused when an example holds NaN or inf (also a
+    float64 value too large for float32): the first step's loss would be NaN, or a test
+    measurement and its scores would be, with nothing saying which example did it."""
+    bad = ~torch.isfinite(t.reshape(len(t), -1)).all(1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        value = t[i][~torch.isfinite(t[i])].reshape(-1)[0].item()
+        raise DataError(f"ArrayData.{what} holds {value} in example {i} (as "
+                        f"{str(t.dtype).removeprefix('torch.')}); "
+                        f"{role} must be finite: drop or fix that example (e.g. impute NaNs, "
+                        "clip huge values) before building the ArrayData")
+    return t
+
+
 class ArrayDeviceData(_SplitsOnDevice):
     """A task's ArrayData on the device: inputs as given (floating ones in the run's dtype),
     optionally augmented by the task's own pure function of (batch, seed, step)."""
@@ -315,9 +330,9 @@ class ArrayDeviceData(_SplitsOnDevice):
                                 f"{tuple(y.shape)} must hold the same number (>= 1) of examples "
                                 "along their first dimension")
             if x.is_floating_point():
-                x = x.to(dtype)
+                x = _finite(x.to(dtype), f"{split}_x", "inputs")
             if y.is_floating_point():
-                y = y.to(dtype)
+                y = _finite(y.to(dtype), f"{split}_y", "targets")
             setattr(self, f"{split}_x", x.to(device))
             setattr(self, f"{split}_y", y.to(device))
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
@@ -343,11 +358,8 @@ def device_data(task, cfg: RunConfig, device: torch.device, dtype: torch.dtype):
     if isinstance(task.data, ImageData):
         return DeviceData(check_image_data(task.data, cfg.data.num_classes), cfg, device, dtype,
                           task.augment)
-    from .task import ArrayData
-    if not isinstance(task.data, ArrayData):
-        raise DataError(f"Task.data must be a fastreplay ArrayData or ImageData, not "
-                        f"{type(task.data).__name__}; wrap arrays in ArrayData(train_x, train_y, "
-                        "test_x, test_y) or datasets in ArrayData.from_datasets(train, test)")
+    from .task import check_data_type
+    check_data_type(task.data)
     if cfg.measure.tta != "none":
         raise ConfigError(f"measure.tta={cfg.measure.tta} mirrors images; this task's data are "
                           "not images: set measure.tta=none")

@@ -152,6 +152,15 @@ def check_task(task: Task) -> Task:
         value = getattr(task, name)
         if value is not None and not callable(value):
             raise ConfigError(f"Task.{name} must be callable, not {type(value).__name__}")
+    if isinstance(task.model, nn.Module):
+        # A built network would be shared by every Recipe (training, replay, each LDS model)
+        # and its initial weights drawn outside the run's seed: the factory is called anew.
+        name = type(task.model).__name__
+        raise ConfigError(f"Task.model must be a zero-argument function building the network, "
+                          f"not a built {name}; pass model={name} or model=lambda: {name}(...) "
+                          "(it is called under the run's seed, so the initial weights are "
+                          "reproducible)")
+    check_data_type(task.data)
     if not isinstance(task.measurements, Mapping):
         raise ConfigError("Task.measurements must be a dict {kind: function} with kind "
                           f"{' or '.join(MEASUREMENT_KINDS)}")
@@ -161,6 +170,26 @@ def check_task(task: Task) -> Task:
                               f"{', '.join(MEASUREMENT_KINDS)} (loss: lower is better, margin: "
                               "higher is better)")
     return task
+
+
+def check_data_type(data) -> None:
+    """A DataError unless ``data`` is one of the data classes a Recipe can put on the device
+    (checked with the task, before anything reads ``data.test_y``)."""
+    from .data import ImageData
+    if not isinstance(data, (ArrayData, ImageData)):
+        raise DataError(f"Task.data must be a fastreplay ArrayData or ImageData, not "
+                        f"{type(data).__name__}; wrap arrays in ArrayData(train_x, train_y, "
+                        "test_x, test_y) or datasets in ArrayData.from_datasets(train, test)")
+
+
+def num_test_examples(task: Task) -> int:
+    """How many test examples the task's data hold, read before they go to the device (the CLI
+    range-checks --targets with it); a DataError where ``test_y`` has no length."""
+    try:
+        return len(task.data.test_y)
+    except TypeError:
+        raise DataError(f"{type(task.data).__name__}.test_y ({type(task.data.test_y).__name__}) "
+                        "has no length; give an array with one target per test example") from None
 
 
 def per_example(values: torch.Tensor, batch: int, what: str) -> torch.Tensor:
@@ -200,6 +229,9 @@ def load_task(spec: str) -> Task:
         raise ConfigError(f"--task {spec!r} is not {TASK_SPEC_HELP}; e.g. --task "
                           "examples/digits_mlp.py:make_task")
     file = Path(path)
+    if file.suffix != ".py":  # importlib would find no loader for it (a traceback)
+        raise ConfigError(f"--task file {path} is not a Python file (.py); give {TASK_SPEC_HELP}, "
+                          "e.g. --task examples/digits_mlp.py:make_task (configs go to --config)")
     if not file.is_file():
         raise ConfigError(f"--task file {path} does not exist; give the path of a Python file")
     module_name = f"fastreplay_task_{hashlib.blake2b(str(file.resolve()).encode(), digest_size=6).hexdigest()}"
@@ -208,6 +240,11 @@ def load_task(spec: str) -> Task:
     sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
     try:
         spec_.loader.exec_module(module)
+    except SystemExit as exc:
+        del sys.modules[module_name]
+        raise ConfigError(f"--task file {path} called {_exit_call(exc)} while being imported; "
+                          "a task file must define the function, not run a program: put the "
+                          "script part under if __name__ == '__main__':") from None
     except Exception as exc:
         del sys.modules[module_name]
         raise ConfigError(f"--task file {path} failed to import ({type(exc).__name__}: "
@@ -218,10 +255,18 @@ def load_task(spec: str) -> Task:
                           "returns the Task")
     try:
         task = make()
+    except SystemExit as exc:
+        raise ConfigError(f"--task {spec}: {func}() called {_exit_call(exc)}; it must return "
+                          "the Task (raise an exception to report a problem)") from None
     except Exception as exc:
         if isinstance(exc, (ConfigError, DataError)):
             raise
         raise ConfigError(f"--task {spec}: {func}() raised {type(exc).__name__}: "
                           f"{str(exc)[:160]}") from None
     return check_task(task)
+
+
+def _exit_call(exc: SystemExit) -> str:
+    """How the task's code exited, as the user wrote it: sys.exit(3), sys.exit('why')."""
+    return f"sys.exit({'' if exc.code is None else repr(exc.code)[:80]})"
 

@@ -585,24 +585,22 @@ def _quiet(command, param, argv: list[str]) -> list[str]:
         "--log-level" not in param.opts else argv
 
 
-def test_hostile_values_never_end_in_a_traceback(tmp_path, monkeypatch, capsys):
-    """Every value option of every command x hostile values: exit 0, 2 or 130, never an
-    exception out of main() (what prints a traceback), and exit 2 comes with one error line.
-    In-process through main() to stay fast; the processes above show main() is what users get."""
-    monkeypatch.chdir(tmp_path)  # values such as "" or "-1" become paths here
+def _hostile_sweep(monkeypatch, capsys, tmp_path, base_args, commands=None,
+                   more=None) -> list[str]:
+    """Every value option of ``commands`` (default: all) x HOSTILE (and the values ``more``
+    gives an option, by its name), each on top of the valid ``base_args(command)``, through
+    main() in this process: the runs that did not end in exit 0, 2 or 130, ended in an
+    exception (what a user sees as a traceback), or exited 2 without exactly one error line."""
     files = {"binary": tmp_path / "binary.bin", "missing": tmp_path / "missing" / "x"}
     files["binary"].write_bytes(bytes(range(256)) * 4)
-    (tmp_path / "empty").mkdir()
-    scored = tmp_path / "scored"
-    assert _main(monkeypatch, capsys, "magic", *TINY, "--targets", "0", "--no-plots",
-                 "--log-level", "ERROR", "--run-dir", scored)[0] == 0
     failures = []
     for name, command in sorted(_commands().items()):
+        if commands is not None and name not in commands:
+            continue
         for param in _value_params(command):
-            for raw in HOSTILE:
+            for raw in HOSTILE + (more or {}).get(param.opts[0], []):
                 value = _fill([raw], files)[0]
-                base = _sweep_base(name, scored, tmp_path / "empty")
-                argv = [name, *_quiet(command, param, _with_value(base, param, value))]
+                argv = [name, *_quiet(command, param, _with_value(base_args(name), param, value))]
                 try:
                     code, err = _main(monkeypatch, capsys, *argv)
                 except BaseException as exc:  # noqa: BLE001 - what a user would see as a traceback
@@ -612,25 +610,112 @@ def test_hostile_values_never_end_in_a_traceback(tmp_path, monkeypatch, capsys):
                 if code not in (0, 2, 130) or "Traceback" in err or (
                         code == 2 and (len(lines) != 1 or not lines[0].startswith("error: "))):
                     failures.append(f"{argv}: exit {code}\n{err[-2000:]}")
+    return failures
+
+
+def test_hostile_values_never_end_in_a_traceback(tmp_path, monkeypatch, capsys):
+    """Every value option of every command x hostile values: exit 0, 2 or 130, never an
+    exception out of main() (what prints a traceback), and exit 2 comes with one error line.
+    In-process through main() to stay fast; the processes above show main() is what users get."""
+    monkeypatch.chdir(tmp_path)  # values such as "" or "-1" become paths here
+    (tmp_path / "empty").mkdir()
+    scored = tmp_path / "scored"
+    assert _main(monkeypatch, capsys, "magic", *TINY, "--targets", "0", "--no-plots",
+                 "--log-level", "ERROR", "--run-dir", scored)[0] == 0
+    failures = _hostile_sweep(monkeypatch, capsys, tmp_path,
+                              lambda name: _sweep_base(name, scored, tmp_path / "empty"))
+    assert not failures, "\n".join(failures)
+
+
+TASK_SPEC = f"{REPO / 'tests' / 'tasks' / 'tabular_task.py'}:make_task"
+# The tabular task (48 examples): one epoch of 4 steps.
+TASK_TINY = ["--task", TASK_SPEC, "--preset", "test", "--set", "train.epochs=1",
+             "--set", "train.batch_size=12"]
+TASK_COMMANDS = ("magic", "train", "lds", "smoothness", "debug")
+"""The commands that take --task."""
+
+
+def test_hostile_values_with_an_own_task_never_end_in_a_traceback(tmp_path, monkeypatch, capsys):
+    """The same sweep where the run is a user's own task (--task, including hostile --task
+    values): the commands that build the run from it, on a scored run of the task."""
+    monkeypatch.chdir(tmp_path)
+    scored = tmp_path / "scored"
+    assert _main(monkeypatch, capsys, "magic", *TASK_TINY, "--targets", "0:2", "--no-plots",
+                 "--log-level", "ERROR", "--run-dir", scored)[0] == 0
+    task = ["--task", TASK_SPEC]
+    bases = {
+        "magic": ["--targets", "0", "--run-dir", str(scored), *TASK_TINY, "--no-plots"],
+        "train": ["--measure", "0", *TASK_TINY],
+        "lds": ["--run-dir", str(scored), *task, "--models", "3", "--models-per-batch", "3",
+                "--keep", "0.5", "--no-plots"],
+        "smoothness": ["--run-dir", str(scored), *task, "--keep", "0.5"],
+        "debug": ["--run-dir", str(scored), *task, "--group", "0:2", "--top", "2", "--no-plots"],
+    }
+    assert set(bases) == {n for n, c in _commands().items()
+                          if any("--task" in p.opts for p in c.params)}
+    # FILE:FUNCTION specs of hostile files and functions: binary, missing, not a function, a
+    # function returning no Task, a config file
+    module = TASK_SPEC.rpartition(":")[0]
+    specs = ["{binary}:make_task", "{missing}.py:make_task", f"{module}:FEATURES",
+             f"{module}:model", f"{REPO / 'examples' / 'digits_mlp.toml'}:make_task"]
+    np.save(tmp_path / "floats.npy", np.array([0.0, 1.5]))  # --group ids that are no ids
+    failures = _hostile_sweep(monkeypatch, capsys, tmp_path, lambda name: bases[name],
+                              TASK_COMMANDS, {"--task": specs,
+                                              "--group": [str(tmp_path / "floats.npy")]})
     assert not failures, "\n".join(failures)
 
 
 def test_every_config_key_refuses_hostile_values_with_a_config_error():
     """The same sweep over every config key through --set (load_config, no process needed)."""
-    keys = [f"{s}.{k}" if s else k for s, fields in _config_keys().items() for k in fields]
-    values = ["", "-1", "nan", "inf", "-inf", "1e999", "99999999999999999999", "1" + "0" * 400,
-              "[1]", "{a=1}", "true", '"x"', "\x00"]
     failures = []
-    for key in keys:
-        for value in values:
-            try:
-                load_config("test", None, [f"{key}={value}"])
-            except ConfigError as exc:
-                if "\n" in str(exc):
-                    failures.append(f"{key}={value!r}: message of several lines")
-            except BaseException as exc:  # noqa: BLE001
-                failures.append(f"{key}={value!r}: {type(exc).__name__}: {exc}")
+    for key, value in _hostile_settings():
+        try:
+            load_config("test", None, [f"{key}={value}"])
+        except ConfigError as exc:
+            if "\n" in str(exc):
+                failures.append(f"{key}={value!r}: message of several lines")
+        except BaseException as exc:  # noqa: BLE001
+            failures.append(f"{key}={value!r}: {type(exc).__name__}: {exc}")
     assert not failures, "\n".join(failures)
+
+
+def test_every_config_key_with_a_hostile_value_builds_an_own_task_run_or_refuses_it():
+    """Each config key set to each hostile value (and to 0, 1 and 2) that load_config lets
+    through, for a user's own task: building the Recipe (its data on the device, its model tried) works or raises a
+    FastReplayError of one line, never another exception."""
+    from fastreplay.core.recipe import Recipe
+    from fastreplay.exceptions import FastReplayError
+    from fastreplay.task import load_task
+
+    task = load_task(TASK_SPEC)
+    failures, built = [], 0
+    edges = [(key, value) for key, _ in _hostile_settings()[::len(HOSTILE_SETTINGS)]
+             for value in ("0", "1", "2")]  # the smallest sizes, rates and seeds it accepts
+    for key, value in _hostile_settings() + edges:
+        try:
+            cfg = load_config("test", None, [f"{key}={value}"])
+        except ConfigError:
+            continue
+        try:
+            Recipe(cfg, task=task)
+            built += 1
+        except FastReplayError as exc:
+            if "\n" in str(exc):
+                failures.append(f"{key}={value!r}: message of several lines")
+        except BaseException as exc:  # noqa: BLE001
+            failures.append(f"{key}={value!r}: {type(exc).__name__}: {exc}")
+    assert not failures, "\n".join(failures)
+    assert built > 0
+
+
+HOSTILE_SETTINGS = ["", "-1", "nan", "inf", "-inf", "1e999", "99999999999999999999",
+                    "1" + "0" * 400, "[1]", "{a=1}", "true", '"x"', "\x00"]
+
+
+def _hostile_settings() -> list[tuple[str, str]]:
+    """(config key, hostile value) for every key."""
+    keys = [f"{s}.{k}" if s else k for s, fields in _config_keys().items() for k in fields]
+    return [(key, value) for key in keys for value in HOSTILE_SETTINGS]
 
 
 def _config_keys() -> dict[str, list[str]]:

@@ -393,13 +393,17 @@ def test_other_buffers_are_constants():
      r"BatchNorm layer '2' ran twice in one forward pass"),
     (lambda: _Unused(), r"BatchNorm layer 'unused' did not update its running statistics"),
 ])
-def test_unreplayable_forward_passes_are_refused_by_name(factory, message):
-    """What only a forward pass shows: raised at training's first step."""
-    recipe = Recipe(load_config("test", overrides=OVERRIDES), model_factory=factory)
-    state = recipe.init_state()
+def test_unreplayable_forward_passes_are_refused_by_name(factory, message, monkeypatch):
+    """What only a forward pass shows: raised before any training, by the Recipe's trial of
+    the model (core/admission.py), and by training's first step where a Recipe skipped it."""
+    cfg = load_config("test", overrides=OVERRIDES)
     with pytest.raises(ReplayError, match=message) as err:
-        recipe.step(state, recipe.ones())
+        Recipe(cfg, model_factory=factory)
     assert "\n" not in str(err.value)
+    monkeypatch.setattr("fastreplay.core.admission.admit", lambda recipe: None)
+    recipe = Recipe(cfg, model_factory=factory)
+    with pytest.raises(ReplayError, match=message):
+        recipe.step(recipe.init_state(), recipe.ones())
 
 
 def _twice() -> nn.Module:

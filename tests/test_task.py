@@ -127,7 +127,7 @@ def _tiny_task(**changes) -> Task:
 
 @pytest.mark.parametrize("changes, error, message", [
     ({"loss": lambda out, y: torch.nn.functional.cross_entropy(out, y)}, ConfigError,
-     r"loss returned \(\) for a batch of 12; it must return one value per example"),
+     r"loss returned \(\) for a batch of 2; it must return one value per example"),
     ({"measurements": {"accuracy": lambda out, y: out[:, 0]}}, ConfigError,
      r"measurements\['accuracy'\] must be a function under a kind of loss, margin"),
     ({"data": ArrayData(np.zeros((4, 12)), np.zeros(3), np.zeros((2, 12)), np.zeros(2))},

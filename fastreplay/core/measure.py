@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, TrainingError
 from ..task import per_example
 from .recipe import Recipe
 
@@ -80,7 +81,28 @@ def measurement_grads(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor
         values.append(value.detach())
         g_theta.append(grads[0])
         g_buf.append(grads[1] if len(grads) > 1 else buffers.new_zeros(0))
-    return torch.stack(values), torch.stack(g_theta), torch.stack(g_buf)
+    values, g_theta, g_buf = torch.stack(values), torch.stack(g_theta), torch.stack(g_buf)
+    check_finite_measurements(values, g_theta, g_buf, theta,
+                              [f"the {kind} measurement of test {t}" for t in targets])
+    return values, g_theta, g_buf
+
+
+def check_finite_measurements(values: torch.Tensor, g_theta: torch.Tensor, g_buf: torch.Tensor,
+                              theta: torch.Tensor, names: list[str]) -> None:
+    """A TrainingError at the first measurement (``names[k]`` for row k) whose value or gradient
+    is NaN or inf: the replay would carry it into every score of its row, silently."""
+    finite = (torch.isfinite(values) & torch.isfinite(g_theta).all(1)
+              & torch.isfinite(g_buf).all(1))
+    if bool(finite.all()):
+        return
+    k = int((~finite).nonzero()[0, 0])
+    value = float(values[k])
+    what = f"is {value}" if not np.isfinite(value) else "has a non-finite gradient"
+    why = ("the trained weights are not finite (training diverged at its last steps: lower "
+           "train.lr)" if not bool(torch.isfinite(theta).all()) else
+           "check the measurement at the trained weights (a log or division of 0, say)")
+    raise TrainingError(f"{names[k]} {what} at the end of training, so its scores would be "
+                        f"NaN; {why}, or score other targets (no scores were stored)")
 
 
 def accuracy_logits(recipe: Recipe, theta: torch.Tensor, buffers: torch.Tensor,
@@ -142,7 +164,10 @@ def group_measurement_grads(recipe: Recipe, theta: torch.Tensor, buffers: torch.
         if len(grads) > 1:
             g_buf += grads[1]
     n = len(members)
-    return (total / n)[None], (g_theta / n)[None], (g_buf.detach() / n)[None]
+    values, g_theta, g_buf = (total / n)[None], (g_theta / n)[None], (g_buf.detach() / n)[None]
+    check_finite_measurements(values, g_theta, g_buf, theta,
+                              [f"the mean {kind} measurement of {n} test example(s)"])
+    return values, g_theta, g_buf
 
 
 def group_name(members: list[int]) -> str:
@@ -159,7 +184,6 @@ def resolve_group(spec: str, recipe: Recipe) -> tuple[str, list[int]]:
     text: whitespace- or comma-separated integers) or a targets spec (0:100, 3,7,9)."""
     from pathlib import Path
 
-    import numpy as np
     data = recipe.data
     num_test = data.num_test
     if spec == "all":
@@ -191,6 +215,11 @@ def resolve_group(spec: str, recipe: Recipe) -> tuple[str, list[int]]:
         except (ValueError, OSError) as exc:
             raise ConfigError(f"--group file {spec} is not a list of test ids ({exc}); write "
                               "integers, one per line or comma-separated, or a .npy array") from None
+        if ids.dtype.kind not in "iu":  # int() would truncate 2.7 to 2, True to 1: other ids
+            fix = ("np.save(f, np.flatnonzero(mask)) for a mask" if ids.dtype.kind == "b"
+                   else "np.save(f, ids.astype(np.int64))")
+            raise ConfigError(f"--group file {spec} holds {ids.dtype} values, not test ids; save "
+                              f"integer ids, e.g. {fix}")
         members = parse_targets(",".join(str(int(i)) for i in np.ravel(ids)), num_test)
         return group_name(members), members
     members = parse_targets(spec, num_test)

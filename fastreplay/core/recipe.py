@@ -54,7 +54,9 @@ class Recipe:
     ``data`` are shorthands replacing the module (a zero-argument callable, called under
     torch.manual_seed(cfg.seed), its stock BatchNorm layers swapped for the functional twin,
     refused with a ConfigError where it could not be replayed exactly) and the images
-    (ImageData, checked by data.check_image_data)."""
+    (ImageData, checked by data.check_image_data). Once built, the task is tried on a few
+    examples (core/admission.py), so that what could not be trained and replayed exactly is
+    refused before any training."""
 
     def __init__(self, cfg: RunConfig, download: bool = False, data: Optional[ImageData] = None,
                  model_factory: ModelFactory = None, task: Optional[Task] = None):
@@ -79,6 +81,8 @@ class Recipe:
                                      "replay.window_epochs": 0.0})
         self.optimizer = build_optimizer(t, self.num_steps, self.model.group_ends,
                                          self.runtime.step_backend, self.runtime.adjoint_backend)
+        from .admission import admit  # it measures through measure.py, which imports this
+        admit(self)
 
     @property
     def device(self) -> torch.device:
@@ -132,7 +136,11 @@ class Recipe:
         """Per-example training losses on (x, y) and the updated running statistics: a pure
         function of tensors (what torch.func and torch.compile transform)."""
         outputs, new_buffers = self.model.forward(theta, buffers, x, train=True)
-        return per_example(self.loss_fn(outputs, y), y.shape[0], "loss"), new_buffers
+        return self.loss_values(outputs, y), new_buffers
+
+    def loss_values(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The task's training loss of each example, from the model's outputs and targets."""
+        return per_example(self.loss_fn(outputs, y), y.shape[0], "loss")
 
     def measurement(self, kind: str):
         """The function of (test outputs, targets) measured under ``kind``: the task's own, else

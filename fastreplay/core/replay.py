@@ -368,4 +368,22 @@ def replay(recipe: Recipe, store, targets: list[int], kind: str,
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     log.debug("replayed %d targets in %.2fs", len(targets), seconds)
-    return ReplayResult(scores.cpu().numpy(), values.cpu().numpy(), seconds)
+    scores = scores.cpu().numpy()
+    _check_finite_scores(scores, [f"the mean of {len(targets)} target(s)"] if group
+                         else [f"test {t}" for t in targets])
+    return ReplayResult(scores, values.cpu().numpy(), seconds)
+
+
+def _check_finite_scores(scores: np.ndarray, names: list[str]) -> None:
+    """A ReplayError at the first score row (``names[k]`` for row k) holding NaN or inf, before
+    any caller stores it: a finite measurement whose reverse pass met a non-finite derivative
+    along the way (a second derivative that blows up, e.g. sqrt or a log near 0)."""
+    bad = ~np.isfinite(scores)
+    if not bad.any():
+        return
+    k, i = (int(a[0]) for a in np.nonzero(bad))
+    raise ReplayError(f"the scores of {names[k]} are not finite ({scores[k, i]} for training "
+                      f"example {i}): the reverse pass met a non-finite derivative of the "
+                      "training loss; use a model and loss with finite second derivatives (no "
+                      "sqrt, log or division near 0) or a smaller train.lr (no scores were "
+                      "stored)")

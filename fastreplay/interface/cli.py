@@ -181,6 +181,7 @@ def magic(
     setup_logging(log_level, log_file)
     from ..core.measure import parse_targets
     from ..distributed import init_from_env
+    from ..task import num_test_examples
     from .api import run_magic, summary
 
     cfg = _config(preset, config, set_)
@@ -189,7 +190,7 @@ def magic(
                           f"{scores_out / 'scores.npy'}")
     user_task = _load_task(task)
     cfg = with_values(cfg, {"device": init_from_env(cfg.device)})  # under torchrun: this rank's
-    num_test = len(user_task.data.test_y) if user_task else _num_test(cfg, download)
+    num_test = num_test_examples(user_task) if user_task else _num_test(cfg, download)
     ids = parse_targets(targets, num_test)
     res = run_magic(cfg, ids, run_dir, force=force, download=download,
                     scores_out=str(scores_out) if scores_out else None, plots=plots,
