@@ -118,3 +118,78 @@ def test_warmup_cosine_runs_match_finite_differences(opt, tmp_path):
     _, scores, examples, fd, oracle = _scores_and_fd(overrides, tmp_path, eps=1e-5)
     np.testing.assert_allclose(scores, oracle, rtol=0, atol=1e-11 * np.abs(oracle).max())
     assert_matches_finite_differences(scores, examples, fd)
+
+
+# --- gradient accumulation --------------------------------------------------------------------
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_accumulated_runs_match_finite_differences(opt, tmp_path):
+    """train.micro_batch=4 of a batch of 12: three micro-batches summed, the same step as one
+    batch (the runs agree to rounding), and its scores are the run's exact derivatives."""
+    base = MLP + OPTIMIZERS[opt]
+    _, scores, examples, fd, oracle = _scores_and_fd(base + ["train.micro_batch=4"], tmp_path,
+                                                     eps=1e-5)
+    np.testing.assert_allclose(scores, oracle, rtol=0, atol=1e-11 * np.abs(oracle).max())
+    assert_matches_finite_differences(scores, examples, fd)
+    whole, split = (Recipe(load_config("test", overrides=base + extra))
+                    for extra in ([], ["train.micro_batch=4"]))
+    a, b = (run_steps(r, r.init_state(), r.ones(), r.num_steps).theta for r in (whole, split))
+    assert not torch.equal(a, b)  # really summed in pieces (other rounding) ...
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)  # ... of the same step
+
+
+def test_accumulation_is_refused_with_batchnorm():
+    from fastreplay.exceptions import ConfigError
+    with pytest.raises(ConfigError, match=r"train.micro_batch=4 splits each batch, but the "
+                                          r"model's BatchNorm layers"):
+        Recipe(load_config("test", overrides=SMALL + ["model.name=tiny-cnn",
+                                                      "train.micro_batch=4"]))
+
+
+# --- dropout ------------------------------------------------------------------------------------
+
+def dropout_mlp():
+    """An MLP with stock nn.Dropout between its layers (fastreplay makes the masks reproducible)."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 24),
+                               torch.nn.GELU(), torch.nn.Dropout(0.3), torch.nn.Linear(24, 16),
+                               torch.nn.GELU(), torch.nn.Dropout(0.1), torch.nn.Linear(16, 10))
+
+
+def test_dropout_masks_depend_on_seed_step_and_example_only():
+    from fastreplay.core.dropout import dropout_context, keep_mask
+    with dropout_context(3, 7, torch.tensor([5, 9, 2])):
+        batch = keep_mask((3, 4, 50), layer=1, p=0.3, device="cpu")
+    with dropout_context(3, 7, torch.tensor([9])):
+        alone = keep_mask((1, 4, 50), layer=1, p=0.3, device="cpu")
+    with dropout_context(3, 7, torch.tensor([9])):
+        longer = keep_mask((1, 6, 50), layer=1, p=0.3, device="cpu")  # more (padded) positions
+    assert torch.equal(batch[1:2], alone) and torch.equal(longer[:, :4], alone)
+    for other in ((4, 7, 1), (3, 8, 1), (3, 7, 2)):  # seed, step, layer
+        with dropout_context(other[0], other[1], torch.tensor([9])):
+            assert not torch.equal(keep_mask((1, 4, 50), other[2], 0.3, "cpu"), alone)
+    with dropout_context(0, 0, torch.arange(1000)):
+        kept = keep_mask((1000, 100), layer=0, p=0.3, device="cpu").double().mean()
+    assert abs(float(kept) - 0.7) < 0.01
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_dropout_runs_match_finite_differences(opt, tmp_path):
+    """Stock nn.Dropout in a user's module: its masks are redrawn identically by every retraining
+    and every rebuilt step, so the scores are the derivatives of the dropout run."""
+    overrides = SMALL + OPTIMIZERS[opt]
+    cfg = load_config("test", overrides=overrides)
+    recipe, store = open_or_train(cfg, tmp_path / "run", model_factory=dropout_mlp)
+    with one_thread():
+        scores = replay(recipe, store, TARGETS, cfg.measure.kind).scores
+        examples, fd = central_differences(
+            lambda w: counterfactual(cfg, w, TARGETS, recipe=recipe), recipe.num_train, eps=1e-5)
+        oracle = unrolled_scores(recipe, TARGETS, cfg.measure.kind).detach().numpy()
+    store.close()
+    np.testing.assert_allclose(scores, oracle, rtol=0, atol=1e-11 * np.abs(oracle).max())
+    assert_matches_finite_differences(scores, examples, fd)
+    # the dropout is on: the same network without it trains to another place
+    plain = Recipe(cfg, model_factory=lambda: torch.nn.Sequential(
+        *[m if not isinstance(m, torch.nn.Dropout) else torch.nn.Identity() for m in dropout_mlp()]))
+    a = run_steps(recipe, recipe.init_state(), recipe.ones(), recipe.num_steps).theta
+    b = run_steps(plain, plain.init_state(), plain.ones(), plain.num_steps).theta
+    assert not torch.allclose(a, b, rtol=1e-3)

@@ -44,12 +44,13 @@ def admit(recipe: Recipe) -> None:
     with _generators_untouched(recipe.device):
         theta = recipe.model.theta0.detach().clone().requires_grad_(True)
         buffers = recipe.model.buffers0.detach().clone()
-        x, y = _training_batch(recipe)
-        outputs = _check_pure_forward(recipe, theta, buffers, x)
-        if recipe.task.loss is None:
-            _check_class_labels(recipe.data.train_y, "train", outputs, "the built-in "
-                                "cross-entropy loss", "Task.loss")
-        _check_training_derivatives(recipe, theta, buffers, x, y)
+        x, y, ids = _training_batch(recipe)
+        with recipe.randomness(0, ids):  # the masks of the first step's dropout, if any
+            outputs = _check_pure_forward(recipe, theta, buffers, x)
+            if recipe.task.loss is None:
+                _check_class_labels(recipe.data.train_y, "train", outputs, "the built-in "
+                                    "cross-entropy loss", "Task.loss")
+            _check_training_derivatives(recipe, theta, buffers, x, y)
         _check_measurements(recipe, theta, buffers)
 
 
@@ -86,8 +87,8 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def _training_batch(recipe: Recipe):
-    """The first step's first examples, gathered and augmented as that step does it, twice: an
-    augmentation must give the same batch for the same (seed, step)."""
+    """(x, y, ids) of the first step's first examples, gathered and augmented as that step does
+    it, twice: an augmentation must give the same batch for the same (seed, step)."""
     idx = recipe.plan.indices[0][:TRIAL_EXAMPLES]
     inputs = recipe.data.train_x[idx]
 
@@ -101,7 +102,7 @@ def _training_batch(recipe: Recipe):
                           "seed and step differ); exact replay needs the same batch every time: "
                           "draw from a generator seeded by (seed, step), e.g. torch.Generator()"
                           ".manual_seed(seed * 100003 + step)")
-    return x, recipe.data.train_y[idx]
+    return x, recipe.data.train_y[idx], idx
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -28,6 +28,7 @@ from torch.func import functional_call
 
 from ..config import RunConfig
 from ..exceptions import ConfigError, ReplayError
+from .dropout import DeterministicDropout
 
 BN_EPS = 1e-5
 
@@ -265,8 +266,9 @@ def _refusal(name: str, layer: nn.Module) -> str | None:
             return (f"{where} has uninitialised (lazy) parameters; give it its sizes, or run one "
                     "forward pass in the model factory")
     random = "draws random numbers in train mode, which the replay cannot reproduce"
-    if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.p > 0:
-        return f"{where} {random}; set p=0 or remove it"
+    if (isinstance(layer, nn.modules.dropout._DropoutNd) and type(layer) is not nn.Dropout
+            and layer.p > 0):  # stock nn.Dropout becomes DeterministicDropout (prepare_module)
+        return f"{where} {random}; set p=0, or use nn.Dropout (fastreplay makes its masks reproducible)"
     if isinstance(layer, (nn.MultiheadAttention, nn.RNNBase)) and layer.dropout > 0:
         return f"{where} {random}; set dropout=0"
     if isinstance(layer, nn.RReLU):
@@ -333,6 +335,7 @@ def prepare_module(module: nn.Module) -> nn.Module:
         # in bfloat16 under train.bf16 (their compute_dtype); nothing else about them changes.
         if type(layer) in _BF16_CAPABLE:
             layer.__class__ = _BF16_CAPABLE[type(layer)]
+    _make_dropout_deterministic(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return twins[id(module)]
     for parent in list(module.modules()):
@@ -340,6 +343,20 @@ def prepare_module(module: nn.Module) -> nn.Module:
             if child is not None and id(child) in twins:
                 setattr(parent, child_name, twins[id(child)])
     return module
+
+
+def _make_dropout_deterministic(module: nn.Module) -> None:
+    """Every stock nn.Dropout becomes a DeterministicDropout of the same p (core/dropout.py):
+    its masks are a function of (seed, step, example id, layer, position), numbered in module
+    order, so training, the replay and every retraining drop the same units."""
+    layer = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):
+            if type(child) is nn.Dropout:
+                replacement = DeterministicDropout(child.p, layer)
+                replacement.train(child.training)
+                setattr(parent, name, replacement)
+                layer += 1
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,13 @@ from .train import _NanWatch, run_steps
 
 
 def _make_step(recipe: Recipe):
-    def loss_fn(theta, buffers, w_batch, x, y):
+    """M models' gradients of one (micro-)batch: its loss divided by the whole batch's size."""
+    def loss_fn(theta, buffers, w_batch, x, y, size):
         losses, new_buffers = recipe.losses(theta, buffers, x, y)
-        loss = (w_batch * losses).sum() / x.shape[0]
+        loss = (w_batch * losses).sum() / size
         return loss, (new_buffers, loss)
 
-    return vmap(grad(loss_fn, has_aux=True), in_dims=(0, 0, 0, None, None))
+    return vmap(grad(loss_fn, has_aux=True), in_dims=(0, 0, 0, None, None, None))
 
 
 def train_many(recipe: Recipe, weights: torch.Tensor, num_steps: int | None = None,
@@ -62,7 +63,13 @@ def _train_vmapped(recipe: Recipe, weights: torch.Tensor, init: TrainState,
         idx = recipe.plan.indices[t]
         x, y = recipe.batch_inputs(t)
         w = weights[:, idx] if recipe.plan.weighted(t) else ones[idx].expand(m, -1)
-        grads, (new_buffers, losses) = step_fn(state.theta, state.buffers, w, x, y)
+        grads, losses = None, None
+        for part in recipe.micro_batches(x.shape[0]):  # the same sum as Recipe.batch_gradient
+            with recipe.randomness(t, idx[part]):
+                g, (new_buffers, piece) = step_fn(state.theta, state.buffers, w[:, part],
+                                                  x[part], y[part], x.shape[0])
+            grads = g if grads is None else grads + g
+            losses = piece if losses is None else losses + piece
         recipe.optimizer.step_(state.theta, state.opt_state, grads, t)
         state.buffers = new_buffers
         watch.update(losses.sum(), t)

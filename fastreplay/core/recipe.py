@@ -27,6 +27,7 @@ from ..exceptions import ConfigError
 from ..task import (Task, builtin_measurement, builtin_task, check_task, cross_entropy,
                     per_example, unused_config_keys)
 from .batches import BatchPlan
+from .dropout import DeterministicDropout, dropout_context
 from .models import FlatModel
 from .optimizers import build_optimizer
 from .runtime import Runtime
@@ -73,6 +74,7 @@ class Recipe:
         self.unused_keys = unused_config_keys(self.task, own_data=not self.builtin_data, cfg=cfg)
         self.data = device_data(self.task, cfg, self.device, self.dtype)
         self.model = FlatModel(cfg, self.device, self.dtype, self.task.model, self.task.decays)
+        _check_recipe_fits_model(cfg, self.model)
         self.loss_fn = self.task.loss or cross_entropy(cfg.train.label_smoothing)
         t = cfg.train
         self.plan = BatchPlan.make(self.data.num_train, t.batch_size, t.epochs, cfg.seed,
@@ -131,6 +133,24 @@ class Recipe:
             x, y = x[present], y[present]
         return x, y
 
+    def batch_ids(self, step: int, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The training-set ids of step's batch rows (only the ``present`` slots when given)."""
+        idx = self.plan.indices[step]
+        return idx if present is None else idx[present]
+
+    def randomness(self, step: int, ids: torch.Tensor):
+        """The context of a training forward pass over the examples ``ids`` at ``step``: what
+        the model's dropout draws its masks from (core/dropout.py), the same in training, in
+        every rebuilt step of the replay and in every retraining."""
+        return dropout_context(self.cfg.seed, step, ids)
+
+    def micro_batches(self, size: int) -> list[slice]:
+        """The slices of a batch of ``size`` rows whose gradients a step sums
+        (train.micro_batch; one slice without accumulation). The loss of every slice is divided
+        by the whole batch's size, so their sum is the step's gradient."""
+        micro = self.cfg.train.micro_batch or size
+        return [slice(lo, min(lo + micro, size)) for lo in range(0, size, micro)]
+
     def losses(self, theta: torch.Tensor, buffers: torch.Tensor, x: torch.Tensor,
                y: torch.Tensor):
         """Per-example training losses on (x, y) and the updated running statistics: a pure
@@ -150,16 +170,36 @@ class Recipe:
     def batch_losses(self, theta: torch.Tensor, buffers: torch.Tensor, step: int,
                      present: Optional[torch.Tensor] = None):
         """Per-example losses on step's augmented batch and the updated running statistics."""
-        return self.losses(theta, buffers, *self.batch_inputs(step, present))
+        with self.randomness(step, self.batch_ids(step, present)):
+            return self.losses(theta, buffers, *self.batch_inputs(step, present))
 
     def gradient(self, theta: torch.Tensor, buffers: torch.Tensor, step: int) -> torch.Tensor:
         """grad_theta L_step(theta, w = 1): the gradient the scored run's step ``step`` took
-        from theta (what a nonlinear optimizer's adjoint needs, core/optimizers.py)."""
-        theta = theta.detach().requires_grad_(True)
+        from theta (what a nonlinear optimizer's adjoint, or the clip's, needs)."""
         unit = torch.ones(self.plan.batch_size, dtype=self.dtype, device=self.device)
-        loss, _ = self.batch_loss(theta, buffers, step, unit)
-        (grad,) = torch.autograd.grad(loss, theta)
+        grad, _, _ = self.batch_gradient(theta, buffers, step, unit)
         return grad
+
+    def batch_gradient(self, theta: torch.Tensor, buffers: torch.Tensor, step: int,
+                       batch_weights: torch.Tensor, present: Optional[torch.Tensor] = None):
+        """(grad_theta, updated running statistics, loss) of step's weighted batch loss
+        (batch_loss), summed over its micro-batches (train.micro_batch): the one place a
+        training step's gradient is taken, for training and for the replay's forward values."""
+        theta = theta.detach().requires_grad_(True)
+        x, y = self.batch_inputs(step, present)
+        ids = self.batch_ids(step, present)
+        if present is not None:
+            batch_weights = batch_weights[present]
+        denom = self.plan.batch_size if present is None else max(1, int(present.sum()))
+        grad, loss, new_buffers = None, None, buffers
+        for part in self.micro_batches(x.shape[0]):
+            with self.randomness(step, ids[part]):
+                losses, new_buffers = self.losses(theta, buffers, x[part], y[part])
+            piece = (batch_weights[part] * losses).sum() / denom
+            (g,) = torch.autograd.grad(piece, theta)
+            grad = g if grad is None else grad + g
+            loss = piece.detach() if loss is None else loss + piece.detach()
+        return grad, new_buffers, loss
 
     def batch_loss(self, theta: torch.Tensor, buffers: torch.Tensor, step: int,
                    batch_weights: torch.Tensor, present: Optional[torch.Tensor] = None):
@@ -184,10 +224,22 @@ class Recipe:
         present = None
         if keep_mask is not None and self.plan.weighted(t):
             present = keep_mask[idx]
-        theta = state.theta.detach().requires_grad_(True)
-        loss, new_buffers = self.batch_loss(theta, state.buffers, t, w, present)
-        (grad,) = torch.autograd.grad(loss, theta)
+        grad, new_buffers, loss = self.batch_gradient(state.theta, state.buffers, t, w, present)
         self.optimizer.step_(state.theta, state.opt_state, grad, t)
         state.buffers = new_buffers.detach()
         state.step = t + 1
-        return loss.detach()
+        return loss
+
+
+def _check_recipe_fits_model(cfg: RunConfig, model: FlatModel) -> None:
+    """Options the model rules out: micro-batches would give BatchNorm a micro-batch's
+    statistics (another step than one batch's); a compiled replay step would bake one step's
+    dropout masks into its graph."""
+    if cfg.train.micro_batch and model.bn_layers:
+        raise ConfigError(f"train.micro_batch={cfg.train.micro_batch} splits each batch, but the "
+                          "model's BatchNorm layers would then normalise by each micro-batch's "
+                          "statistics (another step than one batch's); set train.micro_batch=0")
+    dropout = [m for m in model.module.modules() if isinstance(m, DeterministicDropout) and m.p > 0]
+    if cfg.replay.compile and dropout:
+        raise ConfigError("replay.compile would compile one step's dropout masks into the replay "
+                          "step; drop --set replay.compile=true (or set the model's dropout to 0)")

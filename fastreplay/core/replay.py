@@ -32,6 +32,7 @@ from .func_limits import first_line, forward_ad_unsupported, names_forward_ad, v
 from .measure import group_measurement_grads, measurement_grads
 from .optimizers import StepValues
 from .recipe import Recipe, TrainState
+from .runtime import threads_of
 from .train import run_steps
 
 
@@ -80,11 +81,21 @@ def step_vjp(recipe: Recipe, theta_t: torch.Tensor, buffers_t: torch.Tensor, ste
     explicit replay.hvp); the modes are pure functions of their inputs, so the retry is exact.
     """
     x, y = recipe.batch_inputs(step)
+    ids = recipe.batch_ids(step)
     theta = theta_t.detach()
     while True:
         mode = hvp_mode(recipe, g_bar.shape[0])
         try:
-            return _HVP_STEPS[mode](recipe, theta, buffers_t, x, y, g_bar, b_bar)
+            hvp, wgrads = None, []
+            # A step's gradient is the sum of its micro-batches' (train.micro_batch), each
+            # divided by the whole batch's size: so are its second derivatives.
+            for part in recipe.micro_batches(x.shape[0]):
+                with recipe.randomness(step, ids[part]):
+                    h, wg = _HVP_STEPS[mode](recipe, theta, buffers_t, x[part], y[part], g_bar,
+                                             b_bar, x.shape[0])
+                hvp = h if hvp is None else hvp + h
+                wgrads.append(wg)
+            return hvp, torch.cat(wgrads, dim=1)
         except (RuntimeError, NotImplementedError) as exc:  # OutOfMemoryError is a RuntimeError
             if not _rule_out(recipe, mode, exc, g_bar.shape[0]):
                 raise
@@ -95,25 +106,27 @@ def _unit_weights(recipe: Recipe, x: torch.Tensor) -> torch.Tensor:
     return torch.ones(x.shape[0], dtype=recipe.dtype, device=recipe.device)
 
 
-def _vmapped_tangents(recipe, theta, buffers, x, y, g_bar, b_bar):
+def _vmapped_tangents(recipe, theta, buffers, x, y, g_bar, b_bar, size):
     """forward-vmap: one primal pass, the K tangents vmapped through it."""
-    return _tangent_fn(recipe, True)(theta, buffers, x, y, _unit_weights(recipe, x), g_bar, b_bar)
+    return _tangent_fn(recipe, True)(theta, buffers, x, y, _unit_weights(recipe, x), g_bar, b_bar,
+                                     size)
 
 
-def _tangents_one_by_one(recipe, theta, buffers, x, y, g_bar, b_bar):
+def _tangents_one_by_one(recipe, theta, buffers, x, y, g_bar, b_bar, size):
     """forward: one jvp per measurement."""
     fn = _tangent_fn(recipe, False)
     w = _unit_weights(recipe, x)
-    outs = [fn(theta, buffers, x, y, w, g_bar[k], b_bar[k]) for k in range(g_bar.shape[0])]
+    outs = [fn(theta, buffers, x, y, w, g_bar[k], b_bar[k], size) for k in range(g_bar.shape[0])]
     return torch.stack([h for h, _ in outs]), torch.stack([d for _, d in outs])
 
 
-def _double_backward(recipe, theta, buffers, x, y, g_bar, b_bar):
-    """reverse: one graph of the gradient, differentiated once per measurement."""
+def _double_backward(recipe, theta, buffers, x, y, g_bar, b_bar, size):
+    """reverse: one graph of the gradient, differentiated once per measurement. ``size``: the
+    whole batch's, which the weighted loss is divided by (x may be one micro-batch of it)."""
     theta = theta.detach().requires_grad_(True)
     w = _unit_weights(recipe, x).requires_grad_(True)
     losses, new_buffers = recipe.losses(theta, buffers, x, y)
-    loss = (w * losses).sum() / x.shape[0]
+    loss = (w * losses).sum() / size
     (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
     hvps, wgrads = [], []
     k_total = g_bar.shape[0]
@@ -193,7 +206,8 @@ def _ruled_out(recipe: Recipe) -> dict:
 
 def _tangent_fn(recipe: Recipe, batched: bool):
     """The forward-over-reverse step as a pure function of tensors, built (and compiled, with
-    replay.compile) once per recipe: (theta, buffers, x, y, w, g, b) -> (H g + rho J^T b, dlosses).
+    replay.compile) once per recipe: (theta, buffers, x, y, w, g, b, size) -> (H g + rho J^T b,
+    dlosses), size being the whole batch's (x may be one of its micro-batches).
 
     The running-statistics term rides along for free: with G(theta, c) = grad_theta [L_t(theta)
     + <b_{t+1}(theta), c>] taken at c = 0 in direction (g, b), the tangent is exactly
@@ -208,9 +222,7 @@ def _tangent_fn(recipe: Recipe, batched: bool):
     if key in fns:
         return fns[key]
 
-    def tangents(theta, buffers, x, y, w, g, b):
-        size = x.shape[0]
-
+    def tangents(theta, buffers, x, y, w, g, b, size):
         def objective(th, c):
             losses, new_buffers = recipe.losses(th, buffers, x, y)
             return (w * losses).sum() / size + (new_buffers * c).sum(), losses
@@ -220,7 +232,7 @@ def _tangent_fn(recipe: Recipe, batched: bool):
                                          (g, b))
         return h, dlosses / size
 
-    fn = torch.func.vmap(tangents, in_dims=(None,) * 5 + (0, 0)) if batched else tangents
+    fn = torch.func.vmap(tangents, in_dims=(None,) * 5 + (0, 0, None)) if batched else tangents
     if recipe.cfg.replay.compile:
         log.info("replay.compile: the first reverse step compiles the %s step (about a minute "
                  "on a GPU; once per process and pass size)", "vmapped" if batched else "jvp")
@@ -303,7 +315,14 @@ def _segments(checkpoint_steps: list[int], num_steps: int, start_step: int):
 def replay(recipe: Recipe, store, targets: list[int], kind: str,
            group: bool = False) -> ReplayResult:
     """Exact scores d phi_k / d w_i for the targets, from the run held by ``store``; with
-    ``group``, one row for phi = the mean measurement over the targets (measure.reduce=mean)."""
+    ``group``, one row for phi = the mean measurement over the targets (measure.reduce=mean).
+    Runs with the run's recorded CPU thread count, which the rebuilt steps need to land on the
+    stored ones bit for bit (runtime.threads_of)."""
+    with threads_of(store, recipe.device):
+        return _replay(recipe, store, targets, kind, group)
+
+
+def _replay(recipe: Recipe, store, targets: list[int], kind: str, group: bool) -> ReplayResult:
     stored_backend = store.get_attr("step_backend")
     step_backend = recipe.runtime.step_backend
     if stored_backend and stored_backend != step_backend:

@@ -5,6 +5,7 @@ so that a replay recomputes the forward steps with exactly the kernels that trai
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -56,3 +57,36 @@ class Runtime:
         configure_determinism(device, cfg.train.tf32)
         return cls(device, DTYPES[cfg.train.dtype], resolve_backend("auto", device),
                        resolve_backend(cfg.replay.backend, device))
+
+
+THREADS_ATTR = "cpu_threads"
+
+
+def run_threads(device: torch.device) -> dict:
+    """The store attribute recording the intra-op thread count of a CPU run: on the CPU the
+    count changes how matrix products split their sums, hence their last bits (seen with GPT-2),
+    so every process that steps the run (resuming, rebuilding, retraining) must use it."""
+    return {THREADS_ATTR: torch.get_num_threads()} if device.type == "cpu" else {}
+
+
+@contextlib.contextmanager
+def threads_of(store, device: torch.device):
+    """Run the body with the run's recorded intra-op thread count (CPU runs; stores made before
+    it was recorded run as they are), then restore this process's own."""
+    recorded = store.get_attr(THREADS_ATTR) if device.type == "cpu" else None
+    before = torch.get_num_threads()
+    if recorded and recorded != before:
+        torch.set_num_threads(int(recorded))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def use_run_threads(store, device: torch.device) -> None:
+    """This process steps the run with its recorded CPU thread count from here on (a command
+    working on one stored run: lds, smoothness, debug)."""
+    recorded = store.get_attr(THREADS_ATTR) if device.type == "cpu" else None
+    if recorded:
+        torch.set_num_threads(int(recorded))

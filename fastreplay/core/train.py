@@ -13,6 +13,7 @@ from ..faults import crash_point
 from ..progress import log, progress_bar
 from .measure import accuracy
 from .recipe import Recipe, TrainState
+from .runtime import threads_of
 
 
 def checkpoint_steps(num_steps: int, every: int) -> list[int]:
@@ -85,6 +86,13 @@ def window_start(recipe: Recipe, store) -> TrainState:
 
 
 def train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
+    """train_into_store under the run's recorded CPU thread count (runtime.threads_of), so a
+    resumed run is bitwise the uninterrupted one on any machine."""
+    with threads_of(store, recipe.device):
+        return _train_into_store(recipe, store)
+
+
+def _train_into_store(recipe: Recipe, store) -> tuple[TrainState, float]:
     """Train with w = 1, streaming checkpoints and the final state into ``store``.
 
     Resumes from the last committed checkpoint when the store holds a partial run (a SIGKILL at

@@ -19,6 +19,7 @@ from ..config import RunConfig, score_name, to_toml, with_values
 from ..core.measure import group_name, measure
 from ..core.recipe import ModelFactory, Recipe
 from ..core.replay import replay
+from ..core.runtime import run_threads, use_run_threads
 from ..core.train import load_final, train, train_into_store
 from ..data import ImageData
 from ..distributed import barrier, gather_all, gather_to_main, is_main, shard, world_size
@@ -157,7 +158,8 @@ def open_or_train(cfg: RunConfig, run_dir: str | Path, force: bool = False,
         else:
             store = RunStore.create(path, recipe.cfg.to_dict(), cfg.fingerprint(), versions(),
                                     attrs={"step_backend": recipe.runtime.step_backend,
-                                           INPUTS_ATTR: inputs_fingerprint(recipe)})
+                                           INPUTS_ATTR: inputs_fingerprint(recipe),
+                                           **run_threads(recipe.device)})
             store.run_dir = rd
             crash_point("store_created")
         rd.write("config.toml", config_text(recipe))
@@ -382,6 +384,7 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
         recipe = Recipe(cfg, download=download, data=data, model_factory=model_factory, task=task)
         check_inputs(recipe, store)
         load_final(recipe, store)  # refuses unfinished runs with a clear message
+        use_run_threads(store, recipe.device)  # retrainings step as the run did
     except BaseException:
         rd.release()
         raise
