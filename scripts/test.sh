@@ -11,4 +11,5 @@ mkdir -p build && cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$prefix" -DCMAK
 cmake --build build/cmake -j 2 >> build/cmake.log 2>&1 || { cat build/cmake.log; exit 1; }
 (cd build/cmake && ctest --output-on-failure)
 export FASTREPLAY_REQUIRE_EXT=1   # a broken extension build must fail the tests, not skip them
+export FASTREPLAY_REQUIRE_HF=1    # so must a missing Hugging Face extra (tests/test_huggingface.py)
 "$py" -m pytest -q -ra "$@"

@@ -290,3 +290,51 @@ def test_channels_last_average_pool_magic_and_lds_run_on_cuda(tmp_path):
     many = train_many(recipe, w)
     for j in range(2):
         assert torch.equal(many.theta[j], train(recipe, w[j]).theta)
+
+
+# --- fine-tuning recipes and Hugging Face models on CUDA --------------------------------------
+
+def test_dropout_masks_are_the_same_bits_on_cuda_and_the_cpu():
+    from fastreplay.core.dropout import dropout_context, keep_mask
+    ids = torch.tensor([3, 17, 40000, 5])
+    with dropout_context(7, 123, ids):
+        cpu = keep_mask((4, 6, 33), layer=2, p=0.25, device="cpu")
+    with dropout_context(7, 123, ids.cuda()):
+        gpu = keep_mask((4, 6, 33), layer=2, p=0.25, device="cuda")
+    assert torch.equal(cpu, gpu.cpu())
+
+
+@pytest.mark.parametrize("hvp", ["reverse", "forward", "forward-vmap"])
+def test_float64_clipped_accumulated_dropout_run_on_cuda_equals_the_oracle(hvp, tmp_path):
+    """Clipping (at the median gradient norm: active on some steps), micro-batches, warm-up +
+    cosine and dropout, AdamW, on CUDA in float64: replay against the unrolled oracle."""
+    from test_finetune_recipes import dropout_mlp
+    overrides = SMALL + ["train.optimizer=adamw", "train.lr=0.02", "train.eps=0",
+                         "train.eps_root=1e-6", "train.clip_norm=1.0", "train.micro_batch=4",
+                         "train.schedule=cosine", f"replay.hvp={hvp}", "device=cuda"]
+    cfg = load_config("test", overrides=overrides)
+    recipe, store = open_or_train(cfg, tmp_path / "run", model_factory=dropout_mlp)
+    scores = replay(recipe, store, TARGETS, "loss").scores
+    oracle = unrolled_scores(recipe, TARGETS, "loss").detach().cpu().numpy()
+    store.close()
+    np.testing.assert_allclose(scores, oracle, rtol=0,
+                               atol=FLOAT64_VS_ORACLE * np.abs(oracle).max())
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_hf_gpt2_replays_on_cuda_in_fp32_and_float64(lora, tmp_path):
+    """A tiny transformers GPT-2 (eager attention, deterministic dropout), full fine-tune and
+    LoRA, on CUDA: float64 replay against the oracle; fp32 rebuilds bit for bit (the replay's
+    own check) and lands near the fp32 oracle."""
+    pytest.importorskip("transformers")
+    from test_huggingface import RECIPE, tiny_task
+
+    from fastreplay.integrations.huggingface import Lora
+    adapter = Lora(r=2, alpha=4, dropout=0.1) if lora else None
+    for dtype, tol in (("float64", FLOAT64_VS_ORACLE), ("float32", FP32)):
+        cfg = load_config("test", overrides=RECIPE + ["device=cuda", f"train.dtype={dtype}"])
+        recipe, store = open_or_train(cfg, tmp_path / dtype, task=tiny_task(adapter))
+        scores = replay(recipe, store, [0, 3], "loss").scores
+        oracle = unrolled_scores(recipe, [0, 3], "loss").detach().cpu().numpy()
+        store.close()
+        assert _rel_l2(scores, oracle) <= tol, (dtype, _rel_l2(scores, oracle))
