@@ -139,6 +139,7 @@ def load_causal_lm(source, dtype: torch.dtype = torch.float32) -> nn.Module:
     ``save_pretrained`` directory, a hub id (where the network reaches the hub), or a
     transformers config (a fresh model, initialised from torch's generator)."""
     transformers = require("transformers")
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar per process
     auto = transformers.AutoModelForCausalLM
     if isinstance(source, transformers.PretrainedConfig):
         model = auto.from_config(source, attn_implementation=EAGER, dtype=dtype)
