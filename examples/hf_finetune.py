@@ -77,6 +77,10 @@ GPU = Size(layers=6, width=384, heads=6, vocab=4096, length=64, pretrain_steps=1
            pretrain_batch=64, num_train=10240, num_test=512)
 
 
+PRETRAINING_FORMAT = 2
+"""Part of the cache key: raised whenever _pretrain changes what it makes."""
+
+
 def stdlib() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
@@ -106,7 +110,7 @@ def pretrained(size: Size) -> Path:
     """The directory holding the pretrained model and tokenizer of ``size`` (save_pretrained),
     made on first use: a deterministic function of the size and this Python's stdlib."""
     files = pretraining_files()
-    key = hashlib.blake2b(json.dumps([asdict(size), [f.name for f in files],
+    key = hashlib.blake2b(json.dumps([PRETRAINING_FORMAT, asdict(size), [f.name for f in files],
                                       sum(f.stat().st_size for f in files)]).encode(),
                           digest_size=8).hexdigest()
     where = cache_root() / f"gpt2-{size.layers}x{size.width}-{key}"
@@ -148,7 +152,9 @@ def _pretrain(size: Size, text: str, out: Path) -> None:
     tokenizer = _tokenizer(text, size.vocab)
     tokens = np.asarray(tokenizer.encode(text), dtype=np.int64)
     config = transformers.GPT2Config(
-        vocab_size=len(tokenizer), n_positions=size.length, n_embd=size.width,
+        # length + 1 positions: a window of length + 1 tokens fits whole (bergson's replay of
+        # the same run feeds the window and shifts it itself, benchmarks/compare_bergson.py)
+        vocab_size=len(tokenizer), n_positions=size.length + 1, n_embd=size.width,
         n_layer=size.layers, n_head=size.heads, embd_pdrop=size.dropout,
         resid_pdrop=size.dropout, attn_pdrop=0.0, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -158,12 +158,18 @@ def load_causal_lm(source, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def causal_lm_factory(source, lora: Optional[Lora] = None, pad_id: Optional[int] = None,
-                      dtype: torch.dtype = torch.float32) -> Callable[[], nn.Module]:
+                      dtype: torch.dtype = torch.float32,
+                      dropout: Optional[float] = None) -> Callable[[], nn.Module]:
     """The Task.model factory of a causal LM (load_causal_lm's ``source``), full fine-tune or
-    ``lora``. fastreplay calls it under the run's seed, so a LoRA adapter's initial weights, and
-    a model built from a config, are a function of the seed."""
+    ``lora``; ``dropout``: the p of every nn.Dropout of the model (None: as saved). fastreplay
+    calls it under the run's seed, so a LoRA adapter's initial weights, and a model built from a
+    config, are a function of the seed."""
     def build() -> nn.Module:
         model = load_causal_lm(source, dtype)
+        if dropout is not None:
+            for layer in model.modules():
+                if isinstance(layer, nn.Dropout):
+                    layer.p = float(dropout)
         if lora is not None:
             model = lora.apply(model)
         return CausalLM(model, pad_id)
