@@ -192,7 +192,7 @@ class RunDir:
         self._record(files=files, temps=[t for t in m["temps"] if t != tmp_rel])
         return path
 
-    def forget_missing(self) -> None:
+    def remove_stale_temporaries(self) -> None:
         """Drop temporaries a killed write left behind (they are listed, so they are ours)."""
         m = self.manifest()
         if not m["temps"]:
@@ -372,7 +372,7 @@ def claim(run_dir, store: str, create: bool = True, new_run: bool = False) -> Ru
             if made_dir or locks[0].created or new_run or rd.manifest_path.exists():
                 rd._record(made_run_dir=m["made_run_dir"] or made_dir,
                            made_lock=m["made_lock"] or locks[0].created)
-            rd.forget_missing()
+            rd.remove_stale_temporaries()
     except BaseException:
         for lock in reversed(locks):
             if lock.created and lock.held:
