@@ -20,7 +20,8 @@ rank-8 LoRA adapter on its attention projections):
 
 On a GPU (``make_full_task``: 6 layers of width 384, vocabulary 4,096, 13.8M parameters;
 10,240 fine-tuning sequences of 64 tokens), the same commands with ``--task
-examples/hf_finetune.py:make_full_task --set device=cuda --set train.batch_size=64``.
+examples/hf_finetune.py:make_full_task --set device=cuda --set train.batch_size=64 --set
+replay.checkpoint_every=40`` (every 8 steps, its checkpoints take 6.6 GB).
 
 The text ships with every Python, so nothing is downloaded; different Python versions have
 different standard libraries, so the data, and the figures, are those of the Python you run.
