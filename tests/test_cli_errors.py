@@ -553,6 +553,8 @@ def _sweep_base(command: str, scored: Path, empty: Path) -> list[str]:
                 "0.5", "--no-plots"],
         "smoothness": ["--run-dir", str(scored), "--keep", "0.5"],
         "debug": ["--run-dir", str(scored), "--group", "0:2", "--top", "2", "--no-plots"],
+        "compare": ["--run-dir", str(scored), "--methods", "magic,gradsim", "--keep", "0.5",
+                    "--no-plots"],
         # seed=-1 fails once the options are checked, so no benchmark ever runs
         "bench": ["replay", "--device", "cpu", "--targets", "1", "--preset", "test",
                   "--set", "seed=-1"],
@@ -622,6 +624,8 @@ def test_hostile_values_never_end_in_a_traceback(tmp_path, monkeypatch, capsys):
     scored = tmp_path / "scored"
     assert _main(monkeypatch, capsys, "magic", *TINY, "--targets", "0", "--no-plots",
                  "--log-level", "ERROR", "--run-dir", scored)[0] == 0
+    assert _main(monkeypatch, capsys, "lds", "--run-dir", scored, "--models", "3", "--keep",
+                 "0.5", "--no-plots", "--log-level", "ERROR")[0] == 0  # for compare
     failures = _hostile_sweep(monkeypatch, capsys, tmp_path,
                               lambda name: _sweep_base(name, scored, tmp_path / "empty"))
     assert not failures, "\n".join(failures)
@@ -631,7 +635,7 @@ TASK_SPEC = f"{REPO / 'tests' / 'tasks' / 'tabular_task.py'}:make_task"
 # The tabular task (48 examples): one epoch of 4 steps.
 TASK_TINY = ["--task", TASK_SPEC, "--preset", "test", "--set", "train.epochs=1",
              "--set", "train.batch_size=12"]
-TASK_COMMANDS = ("magic", "train", "lds", "smoothness", "debug")
+TASK_COMMANDS = ("magic", "train", "lds", "smoothness", "debug", "compare")
 """The commands that take --task."""
 
 
@@ -643,6 +647,8 @@ def test_hostile_values_with_an_own_task_never_end_in_a_traceback(tmp_path, monk
     assert _main(monkeypatch, capsys, "magic", *TASK_TINY, "--targets", "0:2", "--no-plots",
                  "--log-level", "ERROR", "--run-dir", scored)[0] == 0
     task = ["--task", TASK_SPEC]
+    assert _main(monkeypatch, capsys, "lds", "--run-dir", scored, *task, "--models", "3",
+                 "--keep", "0.5", "--no-plots", "--log-level", "ERROR")[0] == 0  # for compare
     bases = {
         "magic": ["--targets", "0", "--run-dir", str(scored), *TASK_TINY, "--no-plots"],
         "train": ["--measure", "0", *TASK_TINY],
@@ -650,6 +656,8 @@ def test_hostile_values_with_an_own_task_never_end_in_a_traceback(tmp_path, monk
                 "--keep", "0.5", "--no-plots"],
         "smoothness": ["--run-dir", str(scored), *task, "--keep", "0.5"],
         "debug": ["--run-dir", str(scored), *task, "--group", "0:2", "--top", "2", "--no-plots"],
+        "compare": ["--run-dir", str(scored), *task, "--methods", "magic,gradsim", "--keep",
+                    "0.5", "--no-plots"],
     }
     assert set(bases) == {n for n, c in _commands().items()
                           if any("--task" in p.opts for p in c.params)}

@@ -465,6 +465,45 @@ def run_debug_command(run_dir, group: str, top: int, remove: int, seed: int, plo
     return res
 
 
+def run_compare_command(run_dir, methods: str, keep: float, removal: str,
+                        targets: Optional[str] = None, plots: bool = True,
+                        store_url: str | None = None, task: Optional[Task] = None):
+    """`fastreplay compare`: every method of ``methods`` against the stored LDS retrainings
+    (workflows/compare.py), written to RUN_DIR/compare/COMPARE.csv, .json and .png."""
+    import csv
+    import io
+
+    from ..core.measure import parse_targets
+    from ..methods import resolve_methods
+    from ..workflows.compare import run_compare
+    from .arguments import check_compare_arguments
+    chosen = resolve_methods(methods)
+    check_compare_arguments(keep, removal)
+    recipe, store = open_trained(run_dir, store_url=store_url, task=task)
+    with _working_in(store):
+        rd = store.run_dir
+        stem = f"compare/{removal}_keep{keep:g}"
+        rd.check_free([f"{stem}.csv", f"{stem}.json"] + ([f"{stem}.png"] if plots else []),
+                      fix="move it away or pass --no-plots")
+        ids = parse_targets(targets, recipe.data.num_test) if targets else None
+        res, scores = run_compare(recipe, store, chosen, keep, removal, ids)
+        table = io.StringIO()
+        writer = csv.writer(table)
+        writer.writerow(["method", "label", "lds", "ci_low", "ci_high", "lds_bias_corrected",
+                         "seconds_per_target", "skipped", "notes"])
+        for r in res.rows:
+            low, high = r.lds_ci or (None, None)
+            writer.writerow([r.method, r.label, r.lds, low, high, r.lds_bias_corrected,
+                             r.seconds_per_target, r.skipped or "", r.notes])
+        files = [rd.write(f"{stem}.csv", table.getvalue())]
+        files.append(rd.write(f"{stem}.json", json.dumps(res.to_json(), indent=2)))
+        if plots and any(not r.skipped for r in res.rows):
+            from .plots import compare_figure
+            files.append(rd.write(f"{stem}.png", compare_figure(res)))
+        log.info("compare outputs written: %s", ", ".join(map(str, files)))
+    return res
+
+
 CLEAN_CHOICES = ("checkpoints", "lds", "scores", "all")
 
 

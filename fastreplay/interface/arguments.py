@@ -63,6 +63,13 @@ def check_debug_arguments(top: int, retrain_without: int, seed: int) -> None:
     check_seed("--seed", seed)
 
 
+def check_compare_arguments(keep: float, removal: str) -> None:
+    """The options of `fastreplay compare` that name the stored LDS experiment."""
+    check_keep(keep)
+    if removal not in REMOVALS:
+        raise ConfigError(f"--removal {removal!r}: use weight or drop")
+
+
 def check_smoothness_arguments(keep: float, seed: int) -> None:
     """The options of `fastreplay smoothness`."""
     check_keep(keep)

@@ -374,6 +374,35 @@ def debug(
     log.info("written: %s", ", ".join(res.files))
 
 
+DEFAULT_METHODS = "magic,gradsim,trak,ekfac,kfac,if,tracin"
+
+
+@app.command()
+@_interruptible("compare")
+def compare(
+    run_dir: Annotated[Path, typer.Option(parser=RUN_DIR_PATH, help="Run directory with stored scores and a finished `fastreplay lds`.")],
+    methods: Annotated[str, typer.Option(help=escape("Comma-separated: magic, gradsim, trak, ekfac, kfac, if, if-lissa, tracin (the peers need `pip install 'fastreplay[peers]'`)."))] = DEFAULT_METHODS,
+    keep: Annotated[float, typer.Option(help="The stored LDS experiment to judge by: its --keep.")] = 0.99,
+    removal: Annotated[str, typer.Option(help="... and its --removal (weight or drop).")] = "weight",
+    targets: Annotated[Optional[str], typer.Option(help="Targets among those the LDS experiment measured (default: all of them).")] = None,
+    plots: Annotated[bool, typer.Option(help="Save the LDS-and-cost PNG.")] = True,
+    store: Store = None, json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
+    task: TaskSpec = None,
+):
+    """Score the stored LDS targets with other attribution methods (TRAK, EK-FAC, K-FAC, influence functions, TracIn, gradient similarity) and hold every one, MAGIC included, against the same retrainings: a table, CSV/JSON and a plot."""
+    setup_logging(log_level, log_file)
+    from .api import run_compare_command
+    from .arguments import check_compare_arguments
+
+    check_compare_arguments(keep, removal)  # before the lock is taken and the data loaded
+    res = run_compare_command(run_dir, methods, keep, removal, targets, plots, store_url=store,
+                              task=_load_task(task))
+    if json_:
+        _echo_json(res.to_json())
+    else:
+        _emit(res.table())
+
+
 MAX_BENCH_TARGETS = 100
 """bench --targets: K measurements take K parameter-sized vectors (26 MB each for resnet9)."""
 
@@ -555,7 +584,7 @@ def _stopped(exc: BaseException) -> int:
     return 130
 
 
-PRINTING = ("train", "bench", "show-config", "info")
+PRINTING = ("train", "bench", "show-config", "info", "compare")
 """Commands whose results go to stdout even without --json (the others log to stderr)."""
 
 

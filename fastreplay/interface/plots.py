@@ -105,3 +105,26 @@ def lds_figure(result, predicted: np.ndarray, measured: np.ndarray, show: int = 
     fig.suptitle(f"{result.removal} removal, keep {result.keep:g}, {result.models} models, "
                  f"{len(lds)} targets; CI: {result.ci_method}", fontsize=8)
     return _png(fig)
+
+
+def compare_figure(result) -> bytes:
+    """Each method's LDS with its interval (bars), and its wall time per target: one look says
+    which method predicts retraining and what it costs."""
+    rows = [r for r in result.rows if not r.skipped]
+    fig, (ax, cost) = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 1.6),
+                                   gridspec_kw={"width_ratios": [3, 1]}, sharey=True)
+    y = np.arange(len(rows))[::-1]
+    lds = np.array([r.lds for r in rows])
+    err = np.array([[r.lds - r.lds_ci[0], r.lds_ci[1] - r.lds] for r in rows]).T.clip(0)
+    ax.barh(y, lds, xerr=err, color=["tab:green" if r.method == "magic" else "tab:gray"
+                                     for r in rows], capsize=3)
+    ax.set_yticks(y, [r.label for r in rows], fontsize=7)
+    ax.set_xlim(min(0.0, float(lds.min()) - 0.05), 1.0)
+    ax.set_xlabel("LDS (Spearman, mean over targets)", fontsize=8)
+    ax.axvline(0, color="black", lw=0.5)
+    times = [r.seconds_per_target or 0.0 for r in rows]
+    cost.barh(y, times, color="tab:blue")
+    cost.set_xlabel("seconds per target", fontsize=8)
+    fig.suptitle(f"{result.group}: {len(result.targets)} targets, {result.models} models; CI: "
+                 f"{result.ci_method}", fontsize=8)
+    return _png(fig)

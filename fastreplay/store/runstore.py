@@ -649,6 +649,19 @@ class RunStore:
     def write_lds_result(self, group: str, result: dict) -> None:
         self._group[group].attrs.update({"result": _jsonable(result), "updated": _now()})
 
+    def lds_experiment(self, group: str, num_train: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(masks (M, N) bool, measured values (M, K), targets) of the stored LDS experiment
+        ``group``, only its models already measured, each row checked against its crc32: what
+        any attribution method is held against (`fastreplay compare`)."""
+        if group not in self.lds_groups() or "targets" not in self._group[group].attrs:
+            raise StoreError(f"{self.path} holds no LDS experiment {group}; run `fastreplay lds` "
+                             "with that --keep and --removal first")
+        masks = np.unpackbits(self._group[f"{group}/masks"][...], axis=1,
+                              count=num_train).astype(bool)
+        values = self._verified_lds_values(group)
+        done = ~np.isnan(values).any(axis=1)
+        return masks[done], values[done], [int(t) for t in self._group[group].attrs["targets"]]
+
     def lds_groups(self) -> list[str]:
         return sorted(f"lds/{g}" for g in self._group["lds"].group_keys()) if "lds" in self._group else []
 
