@@ -37,8 +37,8 @@ TRAIN_BATCH = 256
 
 
 @contextlib.contextmanager
-def _quiet_progress():
-    """dattri draws tqdm bars on stderr for every pass; a table is what compare shows."""
+def quiet_progress():
+    """The libraries draw tqdm bars on stderr for every pass; a table is what compare shows."""
     import os
     before = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
@@ -186,7 +186,7 @@ def _loaders(ctx: PeerContext, targets: list, train_batch: int):
 def _influence(ctx: PeerContext, targets: list, cls, name: str) -> np.ndarray:
     attributor = cls(task=_dattri_task(ctx), device=str(ctx.device))
     train, test = _loaders(ctx, targets, ctx.recipe.num_train)  # ONE batch: see the docstring
-    with _quiet_progress():
+    with quiet_progress():
         attributor.cache(train)
         scores = attributor.attribute(train, test).detach().double().cpu().numpy()
     return _finite(name, -scores.T, targets)
@@ -211,7 +211,7 @@ def tracin(ctx: PeerContext, targets: list) -> np.ndarray:
         normalized_grad=False, device=str(ctx.device))
     attributor.projector_kwargs = None  # exact dot products, not its default random projection
     train, test = _loaders(ctx, targets, TRAIN_BATCH)
-    with _quiet_progress():
+    with quiet_progress():
         scores = attributor.attribute(train, test).detach().double().cpu().numpy()
     return _finite("tracin", -scores.T, targets)
 
@@ -221,11 +221,12 @@ register(Method("trak", "TRAK (traker, defaults)", trak, "trak",
                 "set is not much larger), float16 features, every layer"))
 register(Method("ekfac", "EK-FAC (kronfluence, defaults)", ekfac, "kronfluence",
                 "nn.Linear and nn.Conv2d only: BatchNorm, LayerNorm and embeddings ignored; true "
-                "Fisher, damping heuristic"))
+                "Fisher (sampled labels) for classification, damping heuristic"))
 register(Method("kfac", "K-FAC (kronfluence, defaults)", kfac, "kronfluence",
                 "nn.Linear and nn.Conv2d only: BatchNorm, LayerNorm and embeddings ignored"))
 register(Method("if", "influence functions, CG (dattri, defaults)", influence_cg, "dattri",
-                "final parameters, 10 CG iterations, no damping; the training set as one batch"))
+                "final parameters, 10 CG iterations, no damping; the training set as one batch "
+                "(its memory grows with it: out of memory for the LM example on 24 GB)"))
 register(Method("if-lissa", "influence functions, LiSSA (dattri, defaults)", influence_lissa,
                 "dattri", "final parameters; its default scaling can diverge"))
 register(Method("tracin", "TracIn (dattri)", tracin, "dattri",

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..exceptions import FastReplayError
 from ..methods import Method, PeerContext
+from ..methods.peers import quiet_progress
 from ..progress import log
 from .lds import CI_METHOD, lds_statistics
 
@@ -87,7 +88,8 @@ def run_compare(recipe, store, methods: list[Method], keep: float, removal: str,
             continue
         t0 = time.perf_counter()
         try:
-            scores = np.asarray(method.score(context, chosen), dtype=np.float64)
+            with quiet_progress():
+                scores = np.asarray(method.score(context, chosen), dtype=np.float64)
         except FastReplayError as exc:
             row.skipped = str(exc)
             log.warning("compare: %s failed: %s", method.name, exc)
