@@ -302,7 +302,7 @@ def read_manifest(run_dir: Path) -> Optional[dict]:
                          "you want to keep and use a new --run-dir") from None
 
 
-def _adoptable(run_dir: Path, store: str) -> list[str]:
+def _blocking_entries(run_dir: Path, store: str) -> list[str]:
     """The entries of a run directory without a manifest that stop a new run there: anything
     but fastreplay's own lock file and (a run store being content-identified) its store."""
     blocking = []
@@ -323,7 +323,7 @@ def _adoptable(run_dir: Path, store: str) -> list[str]:
 def _refuse_foreign_dir(run_dir: Path, store: str) -> None:
     if read_manifest(run_dir) is not None:
         return
-    blocking = _adoptable(run_dir, store)
+    blocking = _blocking_entries(run_dir, store)
     if blocking:
         raise StoreError(f"--run-dir {run_dir} is not empty ({_shown(blocking)}) and has no "
                          f"fastreplay manifest ({MANIFEST_NAME}), so fastreplay cannot tell "
