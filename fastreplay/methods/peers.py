@@ -160,7 +160,7 @@ def kfac(ctx: PeerContext, targets: list) -> np.ndarray:
 def _dattri_task(ctx: PeerContext, checkpoints=None):
     from dattri.task import AttributionTask
     model = ctx.module()
-    example_dims = ctx.train_data()[0].dim() - 1
+    example_dims = ctx.recipe.data.train_x.dim() - 1  # the dims of one example's inputs
 
     def loss(params, data):
         x, y = data

@@ -35,7 +35,13 @@ LOCK_NAME = ".lock"
 LOCK_DIR_ENV = "FASTREPLAY_LOCK_DIR"
 """Overrides where store locks live (default ~/.cache/fastreplay/locks)."""
 
-_PID_TEXT = re.compile(rb"^\s*(\d+)?\s*$")  # what a fastreplay lock file holds: a pid or nothing
+_PID_TEXT = re.compile(rb"^\s*(\d+)?\s*$")
+
+
+def holds_lock_text(content: bytes) -> bool:
+    """Whether ``content`` is what a fastreplay lock file holds: a pid, or nothing."""
+    return _PID_TEXT.match(content) is not None
+
 
 # Locks held by this process: lock file path -> [fd, holders].
 _locks: dict[str, list] = {}
@@ -67,7 +73,7 @@ def _open_lock_file(path: str) -> tuple[int, bool]:
         held = os.pread(fd, 64, 0)
     except OSError:
         held = b""
-    if not _PID_TEXT.match(held):
+    if not holds_lock_text(held):
         os.close(fd)
         raise StoreError(f"{path} is not a fastreplay lock file (it holds other data); move it "
                          "away: fastreplay keeps its lock under that name")

@@ -35,7 +35,7 @@ from ..exceptions import StoreError
 from ..progress import log
 from .diskio import _remove_stale_temp_dirs, check_writable, disk_errors
 from .identity import Kind, identify
-from .locks import LOCK_NAME, RunDirLock, StoreLock
+from .locks import LOCK_NAME, RunDirLock, StoreLock, holds_lock_text
 from .paths import local_path
 from .remote import check_remote, is_remote
 
@@ -310,8 +310,7 @@ def _blocking_entries(run_dir: Path, store: str) -> list[str]:
         path = run_dir / name
         if name == LOCK_NAME and not _is_symlink(path) and path.is_file():
             with contextlib.suppress(OSError):
-                held = path.read_bytes()[:64].strip()
-                if not held or held.isdigit():  # empty, or a pid: a lock file of fastreplay's
+                if holds_lock_text(path.read_bytes()[:64]):  # a lock file of fastreplay's
                     continue
         if (not is_remote(store) and path == Path(local_path(store))
                 and identify(str(path)).kind is Kind.RUN_STORE):
