@@ -260,6 +260,12 @@ def test_a_run_directory_writes_only_over_its_own_unchanged_files(tmp_path):
         rd.release()
 
 
+def empty_manifest(run: Path) -> None:
+    """A run directory fastreplay made but wrote nothing in yet (its manifest lists nothing)."""
+    (run / ".fastreplay-manifest.json").write_text(
+        '{"format": 1, "files": {}, "dirs": [], "temps": []}')
+
+
 def test_nothing_is_written_through_a_symbolic_link(tmp_path):
     """Neither .lock nor plots/ (nor a plot) is followed: a user file behind the link stays."""
     photos = tmp_path / "photos"
@@ -270,8 +276,7 @@ def test_nothing_is_written_through_a_symbolic_link(tmp_path):
     lock_link, plots_link, plot_link = (tmp_path / n for n in ("lock", "plots", "plot"))
     for run in (lock_link, plots_link, plot_link):
         run.mkdir()
-        (run / ".fastreplay-manifest.json").write_text(
-            '{"format": 1, "files": {}, "dirs": [], "temps": []}')
+        empty_manifest(run)
     (lock_link / ".lock").symlink_to(photos / "pid.txt")
     (plots_link / "plots").symlink_to(photos, target_is_directory=True)
     (plot_link / "plots").mkdir()
@@ -291,8 +296,7 @@ def test_nothing_is_written_through_a_symbolic_link(tmp_path):
     # a regular .lock holding someone's data is not fastreplay's either
     other = tmp_path / "other"
     other.mkdir()
-    (other / ".fastreplay-manifest.json").write_text(
-        '{"format": 1, "files": {}, "dirs": [], "temps": []}')
+    empty_manifest(other)
     (other / ".lock").write_bytes(b"my lock notes")
     assert error_line(fastreplay(*magic("0"), "--run-dir", other)) == (
         f"error: {other / '.lock'} is not a fastreplay lock file (it holds other data); move it "
