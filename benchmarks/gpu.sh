@@ -20,6 +20,12 @@
 #       flipped, rank by harm to GROUP's mean test loss against the baselines, retrain without
 #       the top REMOVE (scores, best baseline, random); GROUP=0:5000 also judges every model on
 #       the held-out half. $OUT/NAME.txt, NAME.png.
+#   NAME=... RECIPE="..." TARGETS=... [TASK=... MODELS=100 KEEPS="0.99 0.95" REMOVAL=weight
+#     METHODS=magic,gradsim,trak,ekfac,kfac,tracin] bash benchmarks/gpu.sh compare
+#       an attribution row against the peers: `magic` over TARGETS, an LDS of MODELS models
+#       for each keep, then `fastreplay compare` on each (the peers travel as wheels in .whl/,
+#       installed by the caller). Limits T_MAGIC, T_LDS, T_COMPARE seconds; every step resumes
+#       what a previous call stored. $OUT/NAME.txt (JSON lines), NAME.log, NAME_REMOVAL_keepK.png.
 #   ROWFILE=rows.txt [T_ROW=240 BASE="..."] bash benchmarks/gpu.sh screen
 #       replay-free screens of many recipes: each ROWFILE line "NAME --set KEY=VALUE ..."
 #       (# comments) is a `row` with TARGETS=none on top of BASE (default: the MAGIC-style
@@ -89,6 +95,35 @@ noise() {
   for png in "$run"/debug/harm_*.png; do cp "$png" "$OUT/$NAME.png"; done
 }
 
+compare() {
+  : "${NAME:?}" "${RECIPE:?}" "${TARGETS:?}" "${MODELS:=100}" "${KEEPS:=0.99}" "${REMOVAL:=weight}"
+  : "${METHODS:=magic,gradsim,trak,ekfac,kfac,tracin}"
+  : "${T_MAGIC:=300}" "${T_LDS:=300}" "${T_COMPARE:=200}"
+  local r=$OUT/$NAME.txt l=${LOGS:-$OUT}/$NAME.log run=runs/$NAME task=() keep t0
+  [ -n "${TASK:-}" ] && task=(--task "$TASK")
+  echo "compare $NAME: $RECIPE targets $TARGETS models $MODELS keeps $KEEPS $REMOVAL" | tee -a "$r"
+  nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee -a "$r"
+  t0=$(date +%s)
+  # shellcheck disable=SC2086
+  timeout "$T_MAGIC" python -m fastreplay magic $RECIPE "${task[@]}" --targets "$TARGETS" \
+    --run-dir "$run" --json --no-plots --log-file "$l" 2>>"$l" | tee -a "$r"
+  echo "{\"step\": \"magic\", \"wall_s\": $(( $(date +%s) - t0 ))}" | tee -a "$r"
+  for keep in $KEEPS; do
+    t0=$(date +%s)
+    timeout "$T_LDS" python -m fastreplay lds --run-dir "$run" --models "$MODELS" --keep "$keep" \
+      --removal "$REMOVAL" --json --no-plots "${task[@]}" --log-file "$l" 2>>"$l" | tee -a "$r"
+    echo "{\"step\": \"lds $keep\", \"wall_s\": $(( $(date +%s) - t0 ))}" | tee -a "$r"
+  done
+  for keep in $KEEPS; do
+    t0=$(date +%s)
+    timeout "$T_COMPARE" python -m fastreplay compare --run-dir "$run" --methods "$METHODS" \
+      --keep "$keep" --removal "$REMOVAL" --json "${task[@]}" --log-file "$l" 2>>"$l" | tee -a "$r"
+    echo "{\"step\": \"compare $keep\", \"wall_s\": $(( $(date +%s) - t0 ))}" | tee -a "$r"
+    cp "$run/compare/${REMOVAL}_keep${keep}.png" "$OUT/${NAME}_${REMOVAL}_keep${keep}.png" 2>/dev/null
+  done
+  grep -h "test accuracy\|training\|replay\|LDS:" "$l" | tail -10 | tee -a "$r"
+}
+
 screen() {
   : "${ROWFILE:?}" "${T_ROW:=240}" "${LOGS:=/tmp/screen-logs}"
   : "${BASE:=--preset full --config $here/recipes/magic-style.toml}"
@@ -112,6 +147,6 @@ screen() {
 }
 
 case "${1:-}" in
-  suite|bench|row|noise|screen) cmd=$1; shift; "$cmd" "$@" ;;
+  suite|bench|row|noise|compare|screen) cmd=$1; shift; "$cmd" "$@" ;;
   *) sed -n '2,27p' "$0"; exit 2 ;;
 esac

@@ -120,6 +120,8 @@ def _check_pure_forward(recipe: Recipe, theta, buffers, x) -> torch.Tensor:
     def forward():
         with torch.no_grad():
             return recipe.model.forward(theta, buffers, x, train=True)
+    _attempt(forward, what, fix)  # a process's first CPU matmuls can round differently (seen
+    # with GPT-2: 1 fresh process in 20): the trial compares the two calls after it
     first, stats = _attempt(forward, what, fix)
     again, stats_again = _attempt(forward, what, fix)
     if not (_same(first, again) and _same(stats, stats_again)):

@@ -91,11 +91,27 @@ class CausalLM(nn.Module):
         config.use_cache = False
         self.lm = lm
         self.pad_id = pad_id
+        if pad_id is None:
+            _skip_padding_warning(lm)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         check_attention(_config_of(self.lm))  # transformers reads it at call time
         mask = None if self.pad_id is None else (ids != self.pad_id).long()
         return self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def _skip_padding_warning(lm: nn.Module) -> None:
+    """Without padding there is nothing for transformers' "padding without an attention mask"
+    check to warn about, and the check reads token values (``.item()``), which fails under
+    torch.func.vmap over examples (per-example gradients: TracIn, gradient similarity). It only
+    warns, so switching it off on each of the model's PreTrainedModels changes no number."""
+    for module in lm.modules():
+        if hasattr(module, "warn_if_padding_and_no_attention_mask"):
+            module.warn_if_padding_and_no_attention_mask = _no_warning
+
+
+def _no_warning(input_ids, attention_mask) -> None:
+    return None
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

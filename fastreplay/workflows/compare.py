@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
+import torch
 
+from ..core.func_limits import first_line
 from ..exceptions import FastReplayError
 from ..methods import Method, PeerContext
 from ..methods.peers import quiet_progress
@@ -93,6 +95,14 @@ def run_compare(recipe, store, methods: list[Method], keep: float, removal: str,
         except FastReplayError as exc:
             row.skipped = str(exc)
             log.warning("compare: %s failed: %s", method.name, exc)
+            continue
+        except Exception as exc:  # a peer library's own failure costs its row, not the table
+            if method.name == "magic":
+                raise
+            row.skipped = f"failed in {method.library or 'fastreplay'}: {type(exc).__name__}: {first_line(exc)}"
+            log.warning("compare: %s %s", method.name, row.skipped)
+            if isinstance(exc, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
             continue
         if method.name != "magic":  # its scores are read from the store, not computed here
             row.seconds = time.perf_counter() - t0
