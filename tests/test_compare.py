@@ -84,6 +84,25 @@ def test_a_negated_method_gets_the_negated_statistic_and_a_missing_one_a_row(dig
                                     "install 'fastreplay[peers]')")
 
 
+def test_a_peer_that_fails_costs_its_row_not_the_table(digits_run, monkeypatch):
+    """A peer library raising its own error (here a RuntimeError, as dattri's vmap did on a
+    Hugging Face model) becomes a row saying so; the methods after it are still compared."""
+    from fastreplay.interface.api import run_compare_command
+    from fastreplay.task import load_task
+
+    def breaks(ctx, targets):
+        raise RuntimeError("vmap: It looks like you're calling .item() on a Tensor\nmore")
+    method_names()
+    monkeypatch.setitem(METHODS, "broken", Method("broken", "a failing peer", breaks,
+                                                  library="numpy"))
+    res = run_compare_command(digits_run, "broken,magic", 0.99, "weight", plots=False,
+                              task=load_task(TASK))
+    by = {r.method: r for r in res.rows}
+    assert by["broken"].skipped == ("failed in numpy: RuntimeError: vmap: It looks like you're "
+                                    "calling .item() on a Tensor")
+    assert by["broken"].lds is None and by["magic"].lds >= 0.9
+
+
 def test_dattri_tracin_at_the_final_state_is_gradient_similarity(digits_run):
     """The peers' sign on a case whose truth is known: TracIn over the final state alone, with
     weight 1 and exact dot products, is -(fastreplay's gradient similarity) before conversion,

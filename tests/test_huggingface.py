@@ -107,6 +107,25 @@ def test_hf_fine_tunes_match_finite_differences(kind, tmp_path):
     store.close()
 
 
+def test_per_example_gradients_vmap_over_an_unpadded_model():
+    """Peers take per-example gradients with torch.func.vmap over the examples (dattri's
+    TracIn); transformers' padding check reads token values (.item()), which vmap refuses, so
+    an unpadded CausalLM skips it: vmapped gradients equal the one-by-one ones."""
+    model = causal_lm_factory(gpt2_config(embd_pdrop=0.0, resid_pdrop=0.0))().double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = (torch.as_tensor(a) for a in token_data(3, 2))
+
+    def loss(p, xi, yi):
+        logits = torch.func.functional_call(model, p, (xi[None],))
+        return token_loss(logits, yi[None]).sum()
+
+    vmapped = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(3):
+        one = torch.func.grad(loss)(params, x[i], y[i])
+        for k in params:
+            torch.testing.assert_close(vmapped[k][i], one[k], rtol=1e-10, atol=1e-12)
+
+
 def test_the_base_weights_are_fingerprinted(tmp_path):
     """A LoRA run's store refuses another base model: the frozen weights are in the model's
     fingerprint (and checkpoints hold only the adapter)."""
