@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import sysconfig
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from fastreplay.integrations.huggingface import (
     require,
     sequences_from_tokens,
 )
+from fastreplay.progress import log
 from fastreplay.task import Task
 
 SKIPPED_PACKAGES = {"test", "idlelib", "lib2to3", "site-packages", "tkinter", "turtledemo",
@@ -74,7 +76,7 @@ class Size:
 
 CPU = Size(layers=2, width=64, heads=2, vocab=512, length=32, pretrain_steps=300,
            pretrain_batch=32, num_train=256, num_test=32)
-GPU = Size(layers=6, width=384, heads=6, vocab=4096, length=64, pretrain_steps=1500,
+GPU = Size(layers=6, width=384, heads=6, vocab=4096, length=32, pretrain_steps=1500,
            pretrain_batch=64, num_train=10240, num_test=512)
 
 
@@ -161,6 +163,10 @@ def _pretrain(size: Size, text: str, out: Path) -> None:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, use_cache=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # The pretraining is not attributed, so on a GPU it may take bf16 autocast (fast); the
+    # fine-tuning that is attributed runs in the run's own dtype.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t0 = time.perf_counter()
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
@@ -170,8 +176,9 @@ def _pretrain(size: Size, text: str, out: Path) -> None:
         starts = rng.integers(0, len(tokens) - size.length - 1, size.pretrain_batch)
         batch = torch.as_tensor(np.stack([tokens[s:s + size.length + 1] for s in starts]),
                                 device=device)
-        logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:])
+        with autocast:
+            logits = model(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -179,6 +186,8 @@ def _pretrain(size: Size, text: str, out: Path) -> None:
         sched.step()
     model.cpu().save_pretrained(out)
     tokenizer.save_pretrained(out)
+    log.info("pretrained GPT-2 %dx%d (%d steps) in %.1fs, saved in %s", size.layers, size.width,
+             size.pretrain_steps, time.perf_counter() - t0, out)
 
 
 def finetuning_data(size: Size, tokenizer) -> tuple[tuple, tuple]:
