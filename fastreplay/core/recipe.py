@@ -15,6 +15,8 @@ saves. The config passed in is never changed.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -97,6 +99,20 @@ class Recipe:
     @property
     def num_steps(self) -> int:
         return self.plan.num_steps
+
+    def with_window(self, start_step: int) -> "Recipe":
+        """The same recipe attributing from ``start_step`` on (data weights act from there): a
+        shallow copy sharing the model, data and optimizer. The window is not part of the
+        trajectory (config fingerprint), so one stored run serves every window: `window`
+        screens them without training the run again."""
+        if not 0 <= start_step < self.num_steps:
+            raise ConfigError(f"an attribution window must start inside the run's "
+                              f"{self.num_steps} steps, not at step {start_step}")
+        other = copy.copy(self)
+        other.plan = dataclasses.replace(self.plan, start_step=start_step)
+        other.cfg = with_values(self.cfg, {"replay.start_step": start_step,
+                                           "replay.window_epochs": 0.0})
+        return other
 
     @property
     def num_train(self) -> int:

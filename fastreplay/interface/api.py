@@ -504,6 +504,30 @@ def run_compare_command(run_dir, methods: str, keep: float, removal: str,
     return res
 
 
+def run_window_command(run_dir, epochs: Optional[str], min_s: float, keep: float, seed: int,
+                       targets: Optional[str] = None, plots: bool = True,
+                       store_url: str | None = None, task: Optional[Task] = None):
+    """`fastreplay window`: the smoothness screen of each window of the stored run
+    (workflows/window.py), written to RUN_DIR/window/window.json and .png."""
+    from ..core.measure import parse_targets
+    from ..workflows.window import default_windows, parse_windows, scan_windows
+    recipe, store = open_trained(run_dir, store_url=store_url, task=task)
+    with _working_in(store):
+        rd = store.run_dir
+        run_epochs = recipe.cfg.train.epochs
+        windows = parse_windows(epochs, run_epochs) if epochs else default_windows(run_epochs)
+        rd.check_free(["window/window.json"] + (["window/window.png"] if plots else []),
+                      fix="move it away or pass --no-plots")
+        ids = parse_targets(targets, recipe.data.num_test) if targets else None
+        rep = scan_windows(recipe, store, windows, keep, seed, ids, min_s)
+        files = [rd.write("window/window.json", json.dumps(rep.to_json(), indent=2))]
+        if plots:
+            from .plots import window_figure
+            files.append(rd.write("window/window.png", window_figure(rep)))
+        log.info("window outputs written: %s", ", ".join(map(str, files)))
+    return rep
+
+
 CLEAN_CHOICES = ("checkpoints", "lds", "scores", "all")
 
 

@@ -76,6 +76,14 @@ def check_smoothness_arguments(keep: float, seed: int) -> None:
     check_seed("--seed", seed)
 
 
+def check_window_arguments(keep: float, seed: int, min_s: float) -> None:
+    """The options of `fastreplay window`."""
+    check_smoothness_arguments(keep, seed)
+    if not -1 <= min_s <= 1:
+        raise ConfigError(f"--min-s {min_s:g} is outside [-1, 1], the range of the "
+                          "metasmoothness S; use e.g. --min-s 0.6")
+
+
 def check_weights(weights, num_train: int) -> np.ndarray:
     """Per-example data weights as float64: one real, finite number per training example.
 

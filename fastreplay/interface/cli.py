@@ -403,6 +403,33 @@ def compare(
         _emit(res.table())
 
 
+@app.command()
+@_interruptible("window")
+def window(
+    run_dir: Annotated[Path, typer.Option(parser=RUN_DIR_PATH, help="Run directory of a trained run (`fastreplay train --run-dir` or `magic`).")],
+    epochs: Annotated[Optional[str], typer.Option(help="Windows to screen, in epochs: \"1,2,4\" (default: the last 1, 2, 4, ... epochs and the whole run).")] = None,
+    min_s: Annotated[float, typer.Option(help="The metasmoothness S a window must reach to be recommended.")] = 0.6,
+    keep: Annotated[float, typer.Option(help="Fraction kept by the probe direction (as in LDS).")] = 0.99,
+    seed: Annotated[int, typer.Option(help="Seed of the removed set.")] = 0,
+    targets: Annotated[Optional[str], typer.Option(help="Test examples whose curvature ratio is measured (default: as `smoothness`).")] = None,
+    plots: Annotated[bool, typer.Option(help="Save the S-per-window PNG.")] = True,
+    store: Store = None, json_: Json = False, log_level: LogLevel = "INFO", log_file: LogFile = None,
+    task: TaskSpec = None,
+):
+    """How far back the scores hold: the replay-free smoothness screen (metasmoothness S, curvature ratio) of each window of the stored run, four trainings of each, and the longest window with S >= --min-s, recommended."""
+    setup_logging(log_level, log_file)
+    from .api import run_window_command
+    from .arguments import check_window_arguments
+
+    check_window_arguments(keep, seed, min_s)  # before the lock is taken and the data loaded
+    rep = run_window_command(run_dir, epochs, min_s, keep, seed, targets, plots,
+                             store_url=store, task=_load_task(task))
+    if json_:
+        _echo_json(rep.to_json())
+    else:
+        _emit(rep.table())
+
+
 MAX_BENCH_TARGETS = 100
 """bench --targets: K measurements take K parameter-sized vectors (26 MB each for resnet9)."""
 

@@ -128,3 +128,25 @@ def compare_figure(result) -> bytes:
     fig.suptitle(f"{result.group}: {len(result.targets)} targets, {result.models} models; CI: "
                  f"{result.ci_method}", fontsize=8)
     return _png(fig)
+
+
+def window_figure(report) -> bytes:
+    """Metasmoothness S against the window's length, the --min-s line and the recommendation."""
+    rows = report.rows
+    x = [r.epochs for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(x, [r.metasmoothness for r in rows], "o-", color="tab:blue", label="S")
+    ax.axhline(report.min_s, color="gray", ls="--", lw=1, label=f"--min-s {report.min_s:g}")
+    if report.recommended_epochs is not None:
+        best = next(r for r in rows if r.epochs == report.recommended_epochs)
+        ax.plot([best.epochs], [best.metasmoothness], "*", ms=14, color="tab:green",
+                label=f"recommended: last {best.epochs:g} epochs")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [f"{e:g}" for e in x])
+    ax.set_xlabel("attribution window (last epochs of the run)")
+    ax.set_ylabel("metasmoothness S")
+    ax.set_ylim(min(-0.05, min(r.metasmoothness for r in rows) - 0.05), 1.05)
+    ax.set_title(f"How far back the scores hold (keep {report.keep:g})", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return _png(fig)
