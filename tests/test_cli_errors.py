@@ -552,6 +552,7 @@ def _sweep_base(command: str, scored: Path, empty: Path) -> list[str]:
         "lds": ["--run-dir", str(scored), "--models", "3", "--models-per-batch", "3", "--keep",
                 "0.5", "--no-plots"],
         "smoothness": ["--run-dir", str(scored), "--keep", "0.5"],
+        "window": ["--run-dir", str(scored), "--keep", "0.5", "--no-plots"],
         "debug": ["--run-dir", str(scored), "--group", "0:2", "--top", "2", "--no-plots"],
         "compare": ["--run-dir", str(scored), "--methods", "magic,gradsim", "--keep", "0.5",
                     "--no-plots"],
@@ -635,7 +636,7 @@ TASK_SPEC = f"{REPO / 'tests' / 'tasks' / 'tabular_task.py'}:make_task"
 # The tabular task (48 examples): one epoch of 4 steps.
 TASK_TINY = ["--task", TASK_SPEC, "--preset", "test", "--set", "train.epochs=1",
              "--set", "train.batch_size=12"]
-TASK_COMMANDS = ("magic", "train", "lds", "smoothness", "debug", "compare")
+TASK_COMMANDS = ("magic", "train", "lds", "smoothness", "window", "debug", "compare")
 """The commands that take --task."""
 
 
@@ -655,6 +656,7 @@ def test_hostile_values_with_an_own_task_never_end_in_a_traceback(tmp_path, monk
         "lds": ["--run-dir", str(scored), *task, "--models", "3", "--models-per-batch", "3",
                 "--keep", "0.5", "--no-plots"],
         "smoothness": ["--run-dir", str(scored), *task, "--keep", "0.5"],
+        "window": ["--run-dir", str(scored), *task, "--keep", "0.5", "--no-plots"],
         "debug": ["--run-dir", str(scored), *task, "--group", "0:2", "--top", "2", "--no-plots"],
         "compare": ["--run-dir", str(scored), *task, "--methods", "magic,gradsim", "--keep",
                     "0.5", "--no-plots"],
