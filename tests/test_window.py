@@ -69,3 +69,31 @@ def test_window_options_out_of_range_are_one_line_errors(chaotic_run, args, mess
     proc = run_module("window", "--run-dir", chaotic_run, *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_recommended_window_scored_on_the_stored_run_is_what_lds_and_compare_judge(
+        cli, chaotic_run, tmp_path):
+    """The workflow the recommendation names: `magic --set replay.window_epochs=E` on the run
+    `window` screened, then `lds` and `compare` there. They retrain the scored window (not the
+    run's own), under their own names in the store, and give bitwise the LDS of a run stored
+    with that window from the start."""
+    import shutil
+    run = tmp_path / "screened"
+    shutil.copytree(chaotic_run, run)
+    window = set_args(["replay.window_epochs=2"])
+    lds = ["--models", "6", "--keep", "0.9", "--no-plots"]
+    cli("magic", *CHAOTIC, *window, "--targets", "0:3", "--run-dir", run, "--no-plots")
+    screened = cli.json("lds", "--run-dir", run, *lds)
+    fresh = tmp_path / "fresh"
+    cli("magic", *CHAOTIC, *window, "--targets", "0:3", "--run-dir", fresh, "--no-plots")
+    assert cli.json("lds", "--run-dir", fresh, *lds)["per_target"] == screened["per_target"]
+    from fastreplay.interface.api import open_trained
+    _, store = open_trained(run)
+    try:
+        assert store.lds_groups() == ["lds/weight_keep0.9_from48"]
+    finally:
+        store.close()
+    out = cli.json("compare", "--run-dir", run, "--methods", "magic", "--keep", "0.9",
+                   "--no-plots")
+    assert out["group"] == "lds/weight_keep0.9_from48"
+    assert out["rows"][0]["per_target"] == screened["per_target"]["lds"]

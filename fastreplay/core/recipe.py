@@ -83,6 +83,8 @@ class Recipe:
                                    cfg.replay, self.device)
         self.cfg = with_values(cfg, {"replay.start_step": self.plan.start_step,
                                      "replay.window_epochs": 0.0})
+        self.run_window_start = self.plan.start_step
+        """The first attributed step of the run as configured (with_window keeps it)."""
         self.optimizer = build_optimizer(t, self.num_steps, self.model.group_ends,
                                          self.runtime.step_backend, self.runtime.adjoint_backend)
         from .admission import admit  # it measures through measure.py, which imports this
@@ -113,6 +115,12 @@ class Recipe:
         other.cfg = with_values(self.cfg, {"replay.start_step": start_step,
                                            "replay.window_epochs": 0.0})
         return other
+
+    def window_suffix(self) -> str:
+        """"" for the run's own window, else "_fromSTART": names results of another window
+        (its LDS retrainings differ) so that they never mix with the run's own."""
+        start = self.plan.start_step
+        return "" if start == self.run_window_start else f"_from{start}"
 
     @property
     def num_train(self) -> int:

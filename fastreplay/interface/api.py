@@ -391,16 +391,17 @@ def open_trained(run_dir: str | Path, download: bool = False, join_torchrun: boo
     return recipe, store
 
 
-def lds_plot(removal: str, keep: float) -> str:
-    """The LDS figure of an experiment, relative to the run directory."""
-    return f"plots/lds_{removal}_keep{keep:g}.png"
+def lds_plot(removal: str, keep: float, window: str = "") -> str:
+    """The LDS figure of an experiment, relative to the run directory (``window``: the suffix
+    of a window other than the run's own, Recipe.window_suffix)."""
+    return f"plots/lds_{removal}_keep{keep:g}{window}.png"
 
 
 def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], removal: str,
                     mask_seed: int = 0, plots: bool = True, models_per_batch: int = 0,
                     store_url: str | None = None, task: Optional[Task] = None):
     from ..core.measure import parse_targets
-    from ..workflows.lds import run_lds
+    from ..workflows.lds import run_lds, scored_window
     from .plots import lds_figure
     # Bad options fail before the lock is taken and the data loaded (run_lds checks them again,
     # keep against the training set size too).
@@ -409,7 +410,8 @@ def run_lds_command(run_dir, models: int, keep: float, targets: Optional[str], r
     recipe, store = open_trained(run_dir, join_torchrun=True, store_url=store_url, task=task)
     # Measured models stay stored on any failure: the next run resumes from them.
     with _working_in(store):
-        figure = lds_plot(removal, keep)
+        recipe = scored_window(recipe, store)
+        figure = lds_plot(removal, keep, recipe.window_suffix())
         if plots and is_main():
             store.run_dir.check_free((figure,), fix="move it away or pass --no-plots")
         ids = parse_targets(targets, recipe.data.num_test) if targets else None
@@ -476,13 +478,15 @@ def run_compare_command(run_dir, methods: str, keep: float, removal: str,
     from ..core.measure import parse_targets
     from ..methods import resolve_methods
     from ..workflows.compare import run_compare
+    from ..workflows.lds import scored_window
     from .arguments import check_compare_arguments
     chosen = resolve_methods(methods)
     check_compare_arguments(keep, removal)
     recipe, store = open_trained(run_dir, store_url=store_url, task=task)
     with _working_in(store):
+        recipe = scored_window(recipe, store)
         rd = store.run_dir
-        stem = f"compare/{removal}_keep{keep:g}"
+        stem = f"compare/{removal}_keep{keep:g}{recipe.window_suffix()}"
         rd.check_free([f"{stem}.csv", f"{stem}.json"] + ([f"{stem}.png"] if plots else []),
                       fix="move it away or pass --no-plots")
         ids = parse_targets(targets, recipe.data.num_test) if targets else None

@@ -20,7 +20,7 @@ from ..exceptions import FastReplayError
 from ..methods import Method, PeerContext
 from ..methods.peers import quiet_progress
 from ..progress import log
-from .lds import CI_METHOD, lds_statistics
+from .lds import CI_METHOD, lds_group, lds_statistics
 
 
 @dataclass
@@ -69,7 +69,7 @@ def run_compare(recipe, store, methods: list[Method], keep: float, removal: str,
                 targets: Optional[list[int]] = None) -> tuple[CompareResult, dict]:
     """Score the stored LDS experiment's targets (or ``targets`` among them) with each method and
     evaluate each against its retrainings. Returns the result and {method: scores (K, N)}."""
-    group = f"lds/{removal}_keep{keep:g}"
+    group = lds_group(recipe, removal, keep)
     masks, values, stored = store.lds_experiment(group, recipe.num_train)
     chosen = list(targets or stored)
     missing = sorted(set(chosen) - set(stored))

@@ -11,6 +11,7 @@ row means "not trained yet", so a model that diverges is an error, never a NaN r
 """
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -147,6 +148,34 @@ def scores_of(recipe: Recipe, store, targets: Optional[list[int]]) -> ChosenScor
     return ChosenScores(all_scores[[scored.index(t) for t in targets]], targets, scored)
 
 
+def lds_group(recipe: Recipe, removal: str, keep: float) -> str:
+    """Where an LDS experiment lives in the store: by removal and keep, and by the window when
+    it is not the run's own (workflows that take a scored window: scored_window)."""
+    return f"lds/{removal}_keep{keep:g}{recipe.window_suffix()}"
+
+
+def scored_window(recipe: Recipe, store) -> Recipe:
+    """The recipe of the window the stored scores belong to: the run's own when it is scored,
+    else the one other window scored (`magic --set replay.window_epochs=E` on a stored run, as
+    `fastreplay window` recommends), so that `lds` and `compare` retrain that window."""
+    names = store.score_names()
+    if score_name(recipe.cfg) in names:
+        return recipe
+    kind = recipe.cfg.measure.kind
+    starts = sorted({0 if n == kind else int(n[len(kind) + len("_from"):]) for n in names
+                     if n == kind or re.fullmatch(rf"{re.escape(kind)}_from\d+", n)})
+    if len(starts) > 1:
+        raise ConfigError(f"the store holds {kind} scores of several attribution windows (first "
+                          f"steps {starts}) but none of the run's own (from step "
+                          f"{recipe.run_window_start}); keep the scores of one window per run "
+                          "directory: train another with --set replay.window_epochs=E")
+    if not starts:
+        return recipe
+    log.info("the stored %s scores are of the window from step %d (not the run's own, from "
+             "step %d): using that window", kind, starts[0], recipe.run_window_start)
+    return recipe.with_window(starts[0])
+
+
 def retrain_subset(recipe: Recipe, mask: np.ndarray, removal: str, start: TrainState) -> tuple:
     """Final (theta, buffers) of a retraining on the subset ``mask`` under the same schedule,
     from the shared state ``start`` (the run's state where the data weights begin to act)."""
@@ -193,7 +222,7 @@ def run_lds(recipe: Recipe, store, models: int, keep: float, targets: Optional[l
     kind = recipe.cfg.measure.kind
     scores, targets, scored = scores_of(recipe, store, targets)
     masks = subset_masks(recipe.num_train, models, keep, mask_seed)
-    group = f"lds/{removal}_keep{keep:g}"
+    group = lds_group(recipe, removal, keep)
     attrs = {"keep": keep, "removal": removal, "mask_seed": mask_seed, "kind": kind}
     if is_main():  # rank 0 creates the group; the other ranks open it after the barrier
         values = store.lds_values(group, masks, scored, attrs)
