@@ -20,6 +20,7 @@ from ..config import PRESETS, load_config, to_toml, with_values
 from ..exceptions import ConfigError, FastReplayError, OutputError, TaskExited
 from ..progress import LEVELS, log, log_file_failure, setup_logging
 from ..store.paths import require_path_text, resolve_store_url
+from .arguments import DEFAULT_MIN_S
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Exact data attribution: MAGIC scores by replaying training backwards.")
@@ -408,7 +409,7 @@ def compare(
 def window(
     run_dir: Annotated[Path, typer.Option(parser=RUN_DIR_PATH, help="Run directory of a trained run (`fastreplay train --run-dir` or `magic`).")],
     epochs: Annotated[Optional[str], typer.Option(help="Windows to screen, in epochs: \"1,2,4\" (default: the last 1, 2, 4, ... epochs and the whole run).")] = None,
-    min_s: Annotated[float, typer.Option(help="The metasmoothness S a window must reach to be recommended.")] = 0.6,
+    min_s: Annotated[float, typer.Option(help="The metasmoothness S a window must reach to be recommended.")] = DEFAULT_MIN_S,
     keep: Annotated[float, typer.Option(help="Fraction kept by the probe direction (as in LDS).")] = 0.99,
     seed: Annotated[int, typer.Option(help="Seed of the removed set.")] = 0,
     targets: Annotated[Optional[str], typer.Option(help="Test examples whose curvature ratio is measured (default: as `smoothness`).")] = None,

@@ -11,9 +11,10 @@ replay are needed: the stored run's checkpoints give every window's starting sta
 window is not part of the trajectory (its fingerprint).
 
 The recommendation is the longest window whose run is deterministic and whose S reaches
-``min_s``. S is a screen, not a promise: it orders windows and recipes of one family as LDS does,
-but the S that goes with LDS 0.9 differs between families (DEFAULT_MIN_S says on what evidence
-the default stands); `fastreplay lds` on the chosen window is the proof.
+``min_s``. S is a screen, not a promise: it orders windows and recipes of one family as LDS
+does, but the S that goes with LDS 0.9 differs between families (DEFAULT_MIN_S, in
+interface/arguments.py, says on what evidence the default stands); `fastreplay lds` on the chosen
+window is the proof.
 """
 from __future__ import annotations
 
@@ -25,16 +26,9 @@ from ..config import ReplayConfig
 from ..core.batches import first_attributed_step
 from ..core.recipe import Recipe
 from ..exceptions import ConfigError
+from ..interface.arguments import DEFAULT_MIN_S
 from ..progress import log
 from .smoothness import check_smoothness
-
-DEFAULT_MIN_S = 0.6
-"""The default S a window must reach to be recommended. Evidence (README "How far back the scores hold"; GPU rows of
-the CIFAR-10 full preset, ResNet-9 at 90% accuracy): S 0.64-0.68 went with LDS 0.92-0.94 over its
-last epoch, S <= 0.2 with LDS <= 0.8 over longer windows. Other families need more: on the CPU
-S 0.95 went with LDS 0.81 (a tiny CIFAR-10 CNN) and S 0.99 with LDS 0.78 (the stdlib language
-model), so --min-s is the user's to raise."""
-
 
 @dataclass
 class WindowRow:
